@@ -1,0 +1,74 @@
+"""The Backend protocol: a frozen pretrained diffusion model seen as an ODE right-hand side.
+
+A backend encodes prompts (and reference images for editing models) once, predicts the
+model output ``d`` (epsilon on a VP schedule, velocity on a flow-matching schedule) with
+classifier-free guidance computed in one doubled batch, and decodes latents to images.
+
+Timestep units are the scheduler's: on a VP schedule the discrete training timestep in
+``[0, T)``; on a flow-matching schedule ``sigma * num_train_timesteps``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence
+
+import torch
+from tensordict import TensorDict
+
+from consolver.schedules import Schedule
+
+
+def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance ``u + g (c - u)``; ``g = 1`` returns the conditional output."""
+    if guidance == 1.0:
+        return conditional
+    return unconditional + guidance * (conditional - unconditional)
+
+
+class Backend(ABC):
+    """A pretrained text-to-image (or editing) diffusion model, frozen.
+
+    Attributes:
+        name: registry name (config ``backend.name``), e.g. ``"toy"``, ``"sd15"``.
+        schedule: the model's :class:`~consolver.schedules.VPSchedule` or
+            :class:`~consolver.schedules.FlowMatchingSchedule`.
+        latent_shape: per-sample latent shape ``(C, H, W)``.
+        resolution: decoded image side in pixels.
+    """
+
+    name: str
+    schedule: Schedule
+    latent_shape: tuple[int, ...]
+    resolution: int
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def prediction_type(self) -> str:
+        """``"epsilon"`` on a VP schedule, ``"flow_prediction"`` on a flow-matching one."""
+        return "epsilon" if self.schedule.kind == "vp" else "flow_prediction"
+
+    @abstractmethod
+    def encode(self, prompts: Sequence[str], ref_images: Optional[torch.Tensor] = None) -> TensorDict:
+        """Conditioning for ``B`` prompts (and ``[B, 3, H, W]`` reference images in [0, 1] for
+        editing backends), as a TensorDict with ``batch_size=[B]`` on the backend's device, so it
+        can be indexed, repeated for groups of rollouts and moved like any tensor."""
+
+    @abstractmethod
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: TensorDict, guidance: float) -> torch.Tensor:
+        """Model output ``d`` for latents ``x [B, *latent_shape]`` at timesteps ``t`` (scalar or
+        ``[B]``, scheduler units), with guidance scale ``guidance`` (1 = no guidance). Same shape
+        as ``x``; the unconditional and conditional branches run as one doubled batch."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, resolution, resolution]`` in [0, 1] from latents ``[B, *latent_shape]``."""
+
+    def meta(self) -> dict:
+        """What identifies this backend's outputs (written into shards, checked when reading)."""
+        return {
+            "backend": self.name,
+            "schedule": self.schedule.kind,
+            "resolution": self.resolution,
+            "latent_shape": list(self.latent_shape),
+        }

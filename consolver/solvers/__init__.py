@@ -1,0 +1,24 @@
+"""Pure numerics of the generalized linear multistep solver and its fixed tables."""
+
+from consolver.solvers.lmm import combine_history, constrained_coefficients, flow_transfer, vp_transfer
+from consolver.solvers.tables import (
+    FIXED_SOLVERS,
+    adams_bashforth_coefficients,
+    adams_bashforth_table,
+    ddim_table,
+    fixed_table,
+    ipndm_table,
+)
+
+__all__ = [
+    "FIXED_SOLVERS",
+    "adams_bashforth_coefficients",
+    "adams_bashforth_table",
+    "combine_history",
+    "constrained_coefficients",
+    "ddim_table",
+    "fixed_table",
+    "flow_transfer",
+    "ipndm_table",
+    "vp_transfer",
+]

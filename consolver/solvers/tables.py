@@ -1,0 +1,100 @@
+"""Fixed coefficient tables: DDIM/Euler, variable-step Adams-Bashforth, iPNDM.
+
+A table for K steps and width m is a float64 array ``[K, m]``; row i holds the weights of
+``d_i, d_{i-1}, ...`` for the step ``t_i -> t_{i+1}`` (zeros where history does not exist).
+Adams-Bashforth is computed on the ODE's own time grid: ``rho = s/a`` for VP (DDIM is Euler
+in rho) and sigma for flow matching, so tables are the classical variable-step methods.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from numpy.polynomial import polynomial as P
+
+FIXED_SOLVERS = ("ddim", "adams_bashforth", "ipndm")
+
+# Constant-step Adams-Bashforth weights, newest first (iPNDM uses them on any grid).
+_IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def adams_bashforth_coefficients(nodes: Sequence[float], target: float) -> np.ndarray:
+    """Variable-step Adams-Bashforth weights for one step from ``nodes[0]`` to ``target``.
+
+    Args:
+        nodes: ODE times of the history, newest first (``nodes[0]`` is the current time),
+            distinct values.
+        target: the ODE time to step to.
+    Returns:
+        float64 ``[len(nodes)]`` with ``sum = 1``: ``(1/h) int_{t_i}^{target} L_j(r) dr`` for
+        the Lagrange basis ``L_j`` through ``nodes`` (``h = target - nodes[0]``).
+    """
+    nodes = np.asarray(nodes, dtype=np.float64)
+    h = float(target) - nodes[0]
+    if h == 0.0:
+        raise ValueError("step of zero length")
+    u = (nodes - nodes[0]) / h  # normalized: current node at 0, target at 1
+    if len(np.unique(u)) != len(u):
+        raise ValueError(f"history times must be distinct, got {nodes.tolist()}")
+    weights = np.empty(len(u))
+    for j in range(len(u)):
+        others = np.delete(u, j)
+        basis = P.polyfromroots(others) / np.prod(u[j] - others)
+        integral = P.polyint(basis)
+        weights[j] = P.polyval(1.0, integral) - P.polyval(0.0, integral)
+    return weights
+
+
+def ddim_table(num_steps: int, width: int = 1) -> np.ndarray:
+    """DDIM (VP) / Euler (flow): ``w = (1, 0, ...)`` at every step, ``[K, width]``."""
+    table = np.zeros((num_steps, width))
+    table[:, 0] = 1.0
+    return table
+
+
+def adams_bashforth_table(grid: Sequence[float], order: int, width: int | None = None) -> np.ndarray:
+    """Variable-step AB of ``order`` (1..4) on ``grid`` (``[K + 1]`` ODE times), ``[K, width]``.
+
+    Step i uses order ``min(i + 1, order)`` (lower-order start).
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    _check_order(order)
+    K = len(grid) - 1
+    table = np.zeros((K, width or order))
+    for i in range(K):
+        p = min(i + 1, order)
+        table[i, :p] = adams_bashforth_coefficients(grid[i - p + 1 : i + 1][::-1], grid[i + 1])
+    return table
+
+
+def ipndm_table(num_steps: int, order: int, width: int | None = None) -> np.ndarray:
+    """iPNDM: constant-step AB weights of order ``min(i + 1, order)`` at step i, ``[K, width]``."""
+    _check_order(order)
+    table = np.zeros((num_steps, width or order))
+    for i in range(num_steps):
+        w = _IPNDM_WEIGHTS[min(i + 1, order)]
+        table[i, : len(w)] = w
+    return table
+
+
+def fixed_table(name: str, grid: Sequence[float], order: int = 1, width: int | None = None) -> np.ndarray:
+    """Table of a fixed solver by name (``FIXED_SOLVERS``) for the ODE-time grid ``[K + 1]``."""
+    K = len(grid) - 1
+    if name == "ddim":
+        return ddim_table(K, width or 1)
+    if name == "adams_bashforth":
+        return adams_bashforth_table(grid, order, width)
+    if name == "ipndm":
+        return ipndm_table(K, order, width)
+    raise ValueError(f"unknown fixed solver {name!r}; valid values: {', '.join(FIXED_SOLVERS)}")
+
+
+def _check_order(order: int) -> None:
+    if order not in _IPNDM_WEIGHTS:
+        raise ValueError(f"solver order must be in 1..4, got {order}")

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="consolver",
+    version="0.1.0",
+    description=(
+        "ConsistencySolver: a learnable multistep ODE solver for pretrained diffusion "
+        "models, trained with reinforcement learning for faithful few-step previews."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["consolver", "consolver.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "lightning>=2.1",
+        "torchrl",
+        "tensordict",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "webdataset>=0.2.86",
+        "omegaconf>=2.3",
+        "tensorboard",
+        "segmentation-models-pytorch>=0.3",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+)
