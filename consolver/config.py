@@ -66,20 +66,33 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
+    """Offline dataset: making shards (``tools/make_shards.py``) and streaming them into training.
+
+    Making: sample ``i`` gets prompt ``i % len(prompts)`` and noise from its own seed, derived
+    from (``seed``, ``i``) only; shard ``s`` holds samples ``[s * samples_per_shard, ...)``.
+    Streaming: see :class:`consolver.data.ShardDataModule` (loader order is seeded by the
+    top-level ``seed``, so the training seed never changes the dataset).
+    """
+
     prompts: Optional[str] = None  # .txt (one per line), .jsonl or .parquet; toy: its own list
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"  # JSONL/parquet column with the text the backend encodes
+    ref_image_column: Optional[str] = None  # editing backends: column with reference image paths
     split: str = "train"  # toy prompt split used for making shards: train | heldout
     num_samples: int = 1024
-    seed: int = 0
+    seed: int = 0  # base of the per-sample noise seeds (make_shards)
     shard_dir: str = "outputs/shards"
     samples_per_shard: int = 256
-    train_shards: Optional[str] = None  # paths, brace patterns or pipe: URLs
+    solve_batch_size: int = 16  # samples per batched reference solve in make_shards
+    train_shards: Optional[str] = None  # paths, directories, brace patterns or pipe: URLs ("::"-separated); default shard_dir
     val_shards: Optional[str] = None
     batch_size: int = 32
     num_workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = False
+    shard_shuffle: bool = True  # shuffle the shard order every epoch (same order on every rank)
+    shuffle_buffer: int = 1000  # samples held per worker for shuffling; 0 or 1 = no sample shuffle
+    resampled: bool = False  # draw shards with replacement; needs epoch_length (use it for DDP)
     epoch_length: Optional[int] = None  # samples per epoch per rank in resampled mode
+    load_target_image: bool = False  # also decode target.png into batch["target_image"]
+    verify_checksums: bool = True  # check each member's CRC32 recorded in meta.json
 
 
 @dataclass

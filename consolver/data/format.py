@@ -1,0 +1,199 @@
+"""The shard sample format: one sample = the tar members sharing a ``__key__``.
+
+Members of sample ``<key>`` (``<key>`` = the global sample index, 10 digits):
+
+=====================  =====================================================================
+``prompt.txt``         UTF-8 text the backend encodes (the instruction, for editing backends)
+``noise.npy``          float32 ``[*latent_shape]``: exactly the initial noise of the solve
+``target.npy``         float32 ``[*latent_shape]``: the full-step reference solve's latent
+``target.png``         8-bit RGB ``[H, W]``: ``decode(target)`` rounded to uint8
+``feat.<name>.npy``    each configured reward's ``features(decode(target))`` (float image,
+                       not the rounded PNG), ``[*feature_shape]``, float32 when it was bf16
+``ref.png``            editing backends: the reference image passed to ``encode``
+``instruction.txt``    editing backends: the instruction (same text as ``prompt.txt``)
+``meta.json``          backend meta (``Backend.meta()``), guidance, reference solver/steps,
+                       seeds, format version, and the CRC32 of every other member
+=====================  =====================================================================
+
+Everything is encoded deterministically (sorted JSON, fixed PNG settings), so the same inputs
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from consolver.config import ConfigError
+
+#: Bumped when the member layout or meaning changes; readers refuse newer versions.
+FORMAT_VERSION = 1
+#: Meta keys compared between shards and the training config, with the config key to name.
+META_CONFIG_KEYS = {"backend": "backend.name", "resolution": "backend.resolution",
+                    "schedule": "the backend's schedule", "latent_shape": "the backend's latent_shape"}
+FEATURE_PREFIX = "feat."
+
+
+class CorruptSampleError(ValueError):
+    """A sample that cannot be decoded (missing member, bad bytes, checksum mismatch)."""
+
+
+class ShardMetaError(ConfigError):
+    """Shards made for a different backend/schedule/resolution than the training config."""
+
+
+def sample_key(index: int) -> str:
+    """The ``__key__`` of sample ``index``: zero-padded so keys sort like indices."""
+    return f"{index:010d}"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG of a uint8 ``[H, W, 3]`` array (fixed compression level: deterministic bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` float in [0, 1] -> uint8 ``[B, H, W, 3]`` (round to nearest)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """CPU numpy copy; bfloat16 (which numpy lacks) becomes float32."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def encode_sample(
+    index: int,
+    prompt: str,
+    noise: np.ndarray,
+    target: np.ndarray,
+    target_image: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any],
+    ref_image: Optional[np.ndarray] = None,
+) -> Dict[str, Any]:
+    """Members of one sample as bytes, plus ``__key__``; ``meta.json`` gets ``index``, the
+    feature names and the CRC32 of every other member. Images are uint8 ``[H, W, 3]``."""
+    members = {
+        "prompt.txt": prompt.encode("utf-8"),
+        "noise.npy": npy_bytes(noise.astype(np.float32, copy=False)),
+        "target.npy": npy_bytes(target.astype(np.float32, copy=False)),
+        "target.png": png_bytes(target_image),
+    }
+    for name, value in features.items():
+        members[f"{FEATURE_PREFIX}{name}.npy"] = npy_bytes(value)
+    if ref_image is not None:
+        members["ref.png"] = png_bytes(ref_image)
+        members["instruction.txt"] = prompt.encode("utf-8")
+    full_meta = dict(meta, index=index, features=sorted(features),
+                     crc32={name: zlib.crc32(data) for name, data in sorted(members.items())})
+    members["meta.json"] = json.dumps(full_meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return {"__key__": sample_key(index), **members}
+
+
+def _normalize(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples -> lists, numpy scalars rejected early
+
+
+def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], source: str = "shards") -> None:
+    """Raise :class:`ShardMetaError` naming both values when a key of ``expected`` differs."""
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ShardMetaError(f"{source} have format_version {version!r}; this reader supports <= {FORMAT_VERSION}")
+    for key, want in expected.items():
+        have = meta.get(key)
+        if _normalize(have) != _normalize(want):
+            where = META_CONFIG_KEYS.get(key, key)
+            raise ShardMetaError(
+                f"shard meta mismatch for {key!r}: {source} were made with {key}={have!r}, but the training "
+                f"config has {key}={want!r} ({where}); remake the shards or fix the config")
+
+
+def check_features(meta: Mapping[str, Any], required: Sequence[str], source: str = "shards") -> None:
+    """Raise :class:`ShardMetaError` when a reward used for training has no cached features."""
+    missing = [name for name in required if name not in meta.get("features", ())]
+    if missing:
+        raise ShardMetaError(f"{source} cache target features for rewards {meta.get('features')}, but training "
+                             f"uses {missing}; remake the shards with these rewards configured")
+
+
+def _load_npy(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def _load_png(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.array(image.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1)  # uint8 [3, H, W]
+
+
+def _member(raw: Mapping[str, Any], name: str) -> bytes:
+    if name not in raw:
+        raise CorruptSampleError(f"sample {raw.get('__key__')!r} has no {name!r} member")
+    return raw[name]
+
+
+def decode_sample(
+    raw: Mapping[str, Any],
+    expected_meta: Mapping[str, Any],
+    required_features: Optional[Sequence[str]] = None,
+    load_target_image: bool = False,
+    verify_checksums: bool = True,
+) -> Dict[str, Any]:
+    """Decode the members ``raw`` (as grouped by webdataset) into one sample.
+
+    Returns ``{"key": str, "index": int, "seed": int, "prompt": str, "noise": float32
+    [*latent_shape], "target_latent": float32 [*latent_shape], "features": {name: [...]},
+    ["target_image": uint8 [3, H, W]], ["ref_image": uint8 [3, H, W], "instruction": str]}``.
+    ``required_features=None`` loads every cached feature. Raises :class:`ShardMetaError`
+    (fatal: wrong dataset) or :class:`CorruptSampleError` (skip this sample).
+    """
+    source = f"shard {raw.get('__url__', '?')}"
+    try:
+        meta = json.loads(_member(raw, "meta.json"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptSampleError(f"sample {raw.get('__key__')!r}: unreadable meta.json ({err})") from None
+    if not isinstance(meta, dict):
+        raise CorruptSampleError(f"sample {raw.get('__key__')!r}: meta.json is not an object")
+    check_meta(meta, expected_meta, source)
+    names = list(meta.get("features", ())) if required_features is None else list(required_features)
+    check_features(meta, names, source)
+    if verify_checksums:
+        for name, crc in meta.get("crc32", {}).items():
+            if zlib.crc32(_member(raw, name)) != crc:
+                raise CorruptSampleError(f"sample {raw.get('__key__')!r}: checksum mismatch in {name!r}")
+    try:
+        sample = {
+            "key": raw["__key__"], "index": int(meta["index"]), "seed": int(meta["seed"]),
+            "prompt": _member(raw, "prompt.txt").decode("utf-8"),
+            "noise": _load_npy(_member(raw, "noise.npy")),
+            "target_latent": _load_npy(_member(raw, "target.npy")),
+            "features": {n: _load_npy(_member(raw, f"{FEATURE_PREFIX}{n}.npy")) for n in names},
+        }
+        if load_target_image:
+            sample["target_image"] = _load_png(_member(raw, "target.png"))
+        if "ref.png" in meta.get("crc32", raw):
+            sample["ref_image"] = _load_png(_member(raw, "ref.png"))
+            sample["instruction"] = _member(raw, "instruction.txt").decode("utf-8")
+    except CorruptSampleError:
+        raise
+    except (KeyError, ValueError, OSError, EOFError) as err:  # bad npy/png/utf-8 bytes, missing meta fields
+        raise CorruptSampleError(f"sample {raw.get('__key__')!r}: {type(err).__name__}: {err}") from None
+    return sample
