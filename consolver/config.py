@@ -26,13 +26,16 @@ class ToyConfig:
     """The embedded toy world (``backend.name: toy``)."""
 
     renders_per_prompt: int = 64
-    component_std: float = 0.05
-    seed: int = 0
+    component_std: float = 0.05  # std of each mixture component, latent units ([-1, 1] images)
+    seed: int = 0  # render jitter; the train/heldout prompt split is fixed and does not depend on it
+    schedule: str = "vp"  # vp (SD1.5 betas, epsilon) | flow (flow matching, velocity)
+    num_train_prompts: int = 12  # configured prompt set: the first prompts of each split
+    num_heldout_prompts: int = 4
 
 
 @dataclass
 class BackendConfig:
-    name: str = "toy"  # toy | sd15 | flux_kontext
+    name: str = "toy"  # a name in consolver.backends.BACKENDS
     model: Optional[str] = None  # hub id or local directory of the pretrained pipeline
     resolution: int = 32  # decoded image side in pixels
     dtype: str = "float32"  # float32 | float16 | bfloat16
@@ -150,7 +153,9 @@ def validate(cfg: Config) -> None:
     from consolver.schedules import TIMESTEP_SPACINGS
     from consolver.solvers.tables import FIXED_SOLVERS
 
-    _choice("backend.name", cfg.backend.name, ("toy", "sd15", "flux_kontext"))
+    from consolver.backends import BACKENDS
+
+    _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
     _choice("solver.timestep_spacing", cfg.solver.timestep_spacing, TIMESTEP_SPACINGS)

@@ -20,18 +20,13 @@ def test_defaults_file_and_overrides_layer(tmp_path):
         ("bogus=1", "valid keys in Config: backend, guidance"),
         ("rewards=[{name: depth, wieght: 2}]", r"did you mean 'weight'.*valid keys in RewardConfig"),
         ("solver.order=abc", "solver.order"),
-        ("backend.name=sdxl", "backend.name='sdxl' is not valid; choose one of: toy, sd15, flux_kontext"),
+        ("backend.name=sdxl", "backend.name='sdxl' is not valid; choose one of: toy"),
         ("solver.base_solver=heun", "ddim, adams_bashforth, ipndm"),
     ],
 )
 def test_bad_keys_and_values_name_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
-
-
-def test_real_backends_need_a_model():
-    with pytest.raises(ConfigError, match="backend.model"):
-        load_config(None, ["backend.name=sd15"])
 
 
 def test_missing_file():

@@ -1,28 +1,21 @@
 """Diffusion backends behind one protocol (see :mod:`consolver.backends.base`)."""
 
+import importlib
+
 from consolver.backends.base import Backend, apply_guidance
 
-BACKENDS = ("toy", "sd15", "flux_kontext")
+#: config name -> "module:class"; each backend is imported only when asked for.
+BACKENDS = {
+    "toy": "consolver.backends.toy:ToyBackend",
+}
 
 
 def build_backend(cfg) -> Backend:
-    """The backend named by ``cfg.name`` (a :class:`~consolver.config.BackendConfig`).
-
-    Heavy backends are imported only when asked for.
-    """
-    if cfg.name == "toy":
-        from consolver.backends.toy import ToyBackend
-
-        return ToyBackend.from_config(cfg)
-    if cfg.name == "sd15":
-        from consolver.backends.sd15 import SD15Backend
-
-        return SD15Backend.from_config(cfg)
-    if cfg.name == "flux_kontext":
-        from consolver.backends.flux_kontext import FluxKontextBackend
-
-        return FluxKontextBackend.from_config(cfg)
-    raise ValueError(f"unknown backend {cfg.name!r}; valid backends: {', '.join(BACKENDS)}")
+    """The backend named by ``cfg.name`` (a :class:`~consolver.config.BackendConfig`)."""
+    if cfg.name not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.name!r}; valid backends: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[cfg.name].split(":")
+    return getattr(importlib.import_module(module), cls).from_config(cfg)
 
 
 __all__ = ["BACKENDS", "Backend", "apply_guidance", "build_backend"]

@@ -87,7 +87,8 @@ def load_pretrained(load: Callable[..., nn.Module], source: str, reward: str) ->
         raise
     except OSError as err:
         where = "the local directory" if Path(source).is_dir() else "the Hugging Face Hub cache"
-        state = "offline mode (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached or has no such model"
+        state = ("offline mode (HF_HUB_OFFLINE) is on" if offline else
+                 "the Hub could not be reached or has no such model (with no network, HF_HUB_OFFLINE=1 fails fast)")
         cause = f"{where} lacks its files and {state} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         raise not_available(reward, source, cause) from err
 
@@ -98,7 +99,7 @@ def load_transformers(model_class: Any, source: str, reward: str, **kwargs: Any)
 
     def load(src: str, **kw: Any) -> nn.Module:
         model, info = model_class.from_pretrained(src, output_loading_info=True, **kwargs, **kw)
-        check_loading_info(info, src, reward)
+        check_loading_info(model, info, src, reward)
         return model
 
     return load_pretrained(load, source, reward)
@@ -121,13 +122,18 @@ def read_json(source: str, filename: str) -> Optional[dict]:
     return json.loads(Path(path).read_text()) if path else None
 
 
-def check_loading_info(info: Mapping[str, Any], source: str, reward: str) -> None:
-    """Refuse a checkpoint that left weights of the network uninitialised (wrong architecture)."""
-    missing = list(info.get("missing_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        raise ValueError(f"reward {reward!r}: checkpoint {source!r} does not fit the network "
-                         f"(missing {missing[:5]}, mismatched {mismatched[:5]}); is it the right architecture?")
+def check_loading_info(model: nn.Module, info: Mapping[str, Any], source: str, reward: str) -> None:
+    """Warn about weights a checkpoint left uninitialised; refuse it when most are missing
+    (the wrong architecture: its scores would come from a random network)."""
+    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+    if not missing:
+        return
+    total = max(1, len(model.state_dict()))
+    message = (f"reward {reward!r}: checkpoint {source!r} left {len(missing)} of {total} weights "
+               f"uninitialised (e.g. {missing[:5]})")
+    if len(missing) > total // 2:
+        raise ValueError(message + "; is it the right architecture for this reward?")
+    logger.warning(message)
 
 
 def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -212,7 +218,7 @@ class ImageProcessing:
         """``[B, 3, H, W]`` in [0, 1] -> normalised ``[B, 3, h, w]`` float32 on the same device."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"reward images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-        x = images.float()
+        x = images.float().clamp(0.0, 1.0)  # as the uint8 conversion of an image would
         shape = self.resized_shape(*x.shape[-2:])
         if shape != tuple(x.shape[-2:]):
             smooth = self.resample in ("bilinear", "bicubic")
@@ -249,7 +255,7 @@ class PretrainedReward(Reward):
         model = self.default_model if model is None else model
         config = dict(self.processor_defaults)
         if isinstance(model, nn.Module):
-            self.model_id = type(model).__name__
+            self.model_id = getattr(model, "name_or_path", "") or type(model).__name__
             self.model = model
         else:
             source = resolve_source(model, self.name)
