@@ -20,20 +20,26 @@ SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", t
 K = 8
 
 
-def _time_loop(scheduler, x, outputs, repeats):
-    """Median seconds per step over ``repeats`` K-step loops."""
-    per_step = []
+def _time_loop(scheduler, x, outputs) -> float:
+    """Seconds per step of one K-step loop."""
+    scheduler.set_timesteps(K, device=x.device)
+    sample = x
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for t, d in zip(scheduler.timesteps, outputs):
+        sample = scheduler.step(d, t, sample, return_dict=False)[0]
+    sync()
+    return (time.perf_counter() - start) / K
+
+
+def _interleaved_medians(schedulers: dict, x, outputs, repeats: int) -> dict:
+    """Median per-step seconds of each scheduler, loops interleaved so drift hits all alike."""
+    times = {name: [] for name in schedulers}
     for _ in range(repeats):
-        scheduler.set_timesteps(K, device=x.device)
-        sample = x
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for t, d in zip(scheduler.timesteps, outputs):
-            sample = scheduler.step(d, t, sample, return_dict=False)[0]
-        sync()
-        per_step.append((time.perf_counter() - start) / K)
-    return float(np.median(per_step))
+        for name, scheduler in schedulers.items():
+            times[name].append(_time_loop(scheduler, x, outputs))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -51,7 +57,8 @@ def run(quick: bool = False) -> list[dict]:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(shape, generator=g, device=device)
         outputs = [torch.randn(shape, generator=g, device=device) for _ in range(K)]
-        times = {name: _time_loop(s, x, outputs, repeats) for name, s in schedulers.items()}
+        _interleaved_medians(schedulers, x, outputs, 3)  # warm-up
+        times = _interleaved_medians(schedulers, x, outputs, repeats)
         base = times["diffusers DDIM"]
         for name, seconds in times.items():
             rows.append({"shape": "x".join(map(str, shape)), "device": device, "scheduler": name,
