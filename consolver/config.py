@@ -156,6 +156,7 @@ def validate(cfg: Config) -> None:
     from consolver.backends import BACKENDS
 
     _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
+    _choice("backend.toy.schedule", cfg.backend.toy.schedule, ("vp", "flow"))
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
     _choice("solver.timestep_spacing", cfg.solver.timestep_spacing, TIMESTEP_SPACINGS)

@@ -74,7 +74,7 @@ def sample(
     ``num_inference_steps`` model evaluations; returns the final latents, same shape."""
     kwargs = {"mu": mu} if mu is not None else {}
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have none
     for t in scheduler.timesteps:
         d = backend.predict(scheduler.scale_model_input(x, t), t, cond, guidance)
         x = scheduler.step(d, t, x, return_dict=False)[0]
