@@ -55,7 +55,7 @@ class SolverConfig:
 class ReferenceConfig:
     """The full-step solve that makes targets."""
 
-    solver: str = "dpmsolver++"  # dpmsolver++ | ddim | euler | consolver fixed tables
+    solver: str = "dpmsolver++"  # dpmsolver++ | unipc (diffusers) | ddim | euler | adams_bashforth | ipndm
     num_steps: int = 40
 
 
@@ -150,23 +150,30 @@ def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that need more than types. Raises ``ConfigError`` naming the key."""
+    from consolver.backends import BACKENDS
+    from consolver.backends.toy import TOY_SCHEDULES
+    from consolver.backends.toy_scenes import SPLITS
+    from consolver.sampling import REFERENCE_SOLVERS
     from consolver.schedules import TIMESTEP_SPACINGS
     from consolver.solvers.tables import FIXED_SOLVERS
 
-    from consolver.backends import BACKENDS
-
     _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
-    _choice("backend.toy.schedule", cfg.backend.toy.schedule, ("vp", "flow"))
+    _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
     _choice("solver.timestep_spacing", cfg.solver.timestep_spacing, TIMESTEP_SPACINGS)
-    _choice("data.split", cfg.data.split, ("train", "heldout"))
+    _choice("reference.solver", cfg.reference.solver, REFERENCE_SOLVERS)
+    _choice("data.split", cfg.data.split, SPLITS)
     if not 1 <= cfg.solver.order <= 8:
         raise ConfigError(f"solver.order must be in 1..8, got {cfg.solver.order}")
+    if cfg.solver.base_solver != "ddim" and cfg.solver.order > 4:
+        raise ConfigError(f"solver.base_solver={cfg.solver.base_solver!r} has orders 1..4, but solver.order="
+                          f"{cfg.solver.order}; lower solver.order or set solver.base_solver=ddim")
     if not cfg.solver.num_steps or min(cfg.solver.num_steps) < 1:
         raise ConfigError(f"solver.num_steps must be a non-empty list of positive ints, got {list(cfg.solver.num_steps)}")
     for key, value in (("reference.num_steps", cfg.reference.num_steps), ("data.num_samples", cfg.data.num_samples),
-                       ("data.samples_per_shard", cfg.data.samples_per_shard), ("data.batch_size", cfg.data.batch_size)):
+                       ("data.samples_per_shard", cfg.data.samples_per_shard), ("data.batch_size", cfg.data.batch_size),
+                       ("data.solve_batch_size", cfg.data.solve_batch_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.backend.name != "toy" and not cfg.backend.model:

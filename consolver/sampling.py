@@ -42,7 +42,8 @@ def make_scheduler(name: str, schedule: Schedule, timestep_spacing: str = "trail
             kwargs["algorithm_type"] = "dpmsolver++"
         if isinstance(schedule, FlowMatchingSchedule):
             if schedule.use_dynamic_shifting:
-                raise ValueError(f"{name} reference needs a static flow shift; use `euler` for dynamic shifting")
+                raise ValueError(f"{name} reference needs a static flow shift; for dynamic shifting use `euler` "
+                                 f"(config reference.solver=euler)")
             kwargs.update(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=schedule.shift,
                           num_train_timesteps=schedule.num_train_timesteps)
         else:
@@ -74,8 +75,10 @@ def sample(
     ``num_inference_steps`` model evaluations; returns the final latents, same shape."""
     kwargs = {"mu": mu} if mu is not None else {}
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have none
+    # diffusers' flow-matching schedulers have neither init_noise_sigma nor scale_model_input
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", None)
     for t in scheduler.timesteps:
-        d = backend.predict(scheduler.scale_model_input(x, t), t, cond, guidance)
+        d = backend.predict(x if scale is None else scale(x, t), t, cond, guidance)
         x = scheduler.step(d, t, x, return_dict=False)[0]
     return x

@@ -27,7 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from consolver.policy import CoefficientPolicy, build_policy, step_observation
-from consolver.schedules import SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule
+from consolver.schedules import SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
 from consolver.solvers.tables import FIXED_SOLVERS, fixed_table
 
@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 POLICY_WEIGHTS_NAME = "policy.safetensors"
 VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: Options of other diffusers schedulers that change the noise levels or make sampling stochastic.
+#: This scheduler does not implement them: a config that turns one on is refused by
+#: :meth:`ConsistencySolverScheduler.from_config` instead of being solved on another schedule.
+UNSUPPORTED_OPTIONS = ("rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                       "shift_terminal", "invert_sigmas", "stochastic_sampling")
 
 
 class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
@@ -44,8 +49,8 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: training timesteps T of the model.
         beta_start, beta_end, beta_schedule, trained_betas: VP schedule (SD1.5 defaults).
         set_alpha_to_one: VP final step lands on x0 (True) or on ``abar[0]`` (diffusers' False).
-        prediction_type: VP model output ``epsilon`` | ``v_prediction`` | ``sample`` (converted to
-            epsilon inside); ``flow_prediction`` on flow matching.
+        prediction_type: VP model output ``epsilon`` (default) | ``v_prediction`` | ``sample``
+            (converted to epsilon inside); ``flow_prediction`` (default) on flow matching.
         timestep_spacing: ``trailing`` | ``leading`` | ``linspace`` (VP).
         steps_offset: added to ``leading`` timesteps (1, as SD configs and pipelines expect).
         schedule: ``vp`` or ``flow``.
@@ -90,21 +95,25 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         coefficient_tables: Optional[Dict[str, List[List[float]]]] = None,
         policy: Optional[Dict[str, Any]] = None,
     ):
-        _check("schedule", schedule, SCHEDULE_KINDS)
-        _check("base_solver", base_solver, FIXED_SOLVERS)
+        _check_choice("schedule", schedule, SCHEDULE_KINDS)
+        _check_choice("base_solver", base_solver, FIXED_SOLVERS)
+        if prediction_type is None:  # stored resolved, so diffusers schedulers can load this config too
+            prediction_type = "epsilon" if schedule == "vp" else "flow_prediction"
+            self.register_to_config(prediction_type=prediction_type)
         if schedule == "vp":
-            _check("prediction_type", prediction_type or "epsilon", VP_PREDICTION_TYPES)
+            _check_choice("prediction_type", prediction_type, VP_PREDICTION_TYPES)
             self.vp_schedule: Optional[VPSchedule] = VPSchedule.from_betas(
                 beta_schedule, beta_start, beta_end, num_train_timesteps, set_alpha_to_one, trained_betas)
             self.alphas_cumprod = self.vp_schedule.alphas_cumprod.float()
             self.flow_schedule: Optional[FlowMatchingSchedule] = None
         else:
-            _check("prediction_type", prediction_type or "flow_prediction", ("flow_prediction",))
+            _check_choice("prediction_type", prediction_type, ("flow_prediction",))
             self.flow_schedule = FlowMatchingSchedule(num_train_timesteps, shift, use_dynamic_shifting)
             self.vp_schedule = None
         if solver_order < 1:
             raise ValueError(f"solver_order must be >= 1, got {solver_order}")
-        self._tables = {int(k): np.asarray(v, dtype=np.float64) for k, v in (coefficient_tables or {}).items()}
+        self._tables = {int(k): self._validate_table(np.asarray(v, dtype=np.float64), int(k))
+                        for k, v in (coefficient_tables or {}).items()}
         self.policy_module: Optional[CoefficientPolicy] = None
         if policy is not None:  # weights arrive from from_pretrained or attach_policy
             self.policy_module = build_policy(policy["name"], **policy.get("kwargs", {}))
@@ -117,9 +126,18 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """As diffusers', and infers ``schedule="flow"`` from a flow-matching scheduler's config
-        (e.g. ``FlowMatchEulerDiscreteScheduler`` of a FLUX pipeline) unless given."""
-        if config is not None and "schedule" not in kwargs and "schedule" not in dict(config):
-            if _is_flow_config(dict(config)):
+        (e.g. ``FlowMatchEulerDiscreteScheduler`` of a FLUX pipeline) unless given. A config that
+        turns on a noise-level option this scheduler lacks (``UNSUPPORTED_OPTIONS``, or a
+        ``time_shift_type`` other than ``exponential``) is a ``ValueError``."""
+        if config is not None:
+            given = dict(config)
+            on = [k for k in UNSUPPORTED_OPTIONS if given.get(k)]
+            if given.get("time_shift_type") not in (None, "exponential"):
+                on.append(f"time_shift_type={given['time_shift_type']!r}")
+            if on:
+                raise ValueError(f"ConsistencySolverScheduler does not support {', '.join(on)} of this scheduler "
+                                 f"config; its noise levels would differ from the model's")
+            if "schedule" not in kwargs and "schedule" not in given and _is_flow_config(given):
                 kwargs["schedule"] = "flow"
                 kwargs.setdefault("prediction_type", "flow_prediction")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -327,11 +345,16 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             return grid_t, self.vp_schedule.rho(grid_t.astype(np.int64)).numpy()
         T = cfg.num_train_timesteps
         if timesteps is not None:
-            s = np.append(np.asarray(timesteps, dtype=np.float64) / T, 0.0)
-        else:
-            if cfg.use_dynamic_shifting and mu is None:
-                raise ValueError("`mu` must be passed when `use_dynamic_shifting` is True")
-            s = self.flow_schedule.sigmas(num_inference_steps, sigmas, mu)
+            if sigmas is not None:
+                raise ValueError("a flow-matching schedule takes `sigmas` (shifted here) or final `timesteps` "
+                                 "(sigma * num_train_timesteps), not both")
+            t = np.asarray(timesteps, dtype=np.float64)
+            if t.ndim != 1 or len(t) == 0 or np.any(np.diff(t) >= 0) or t[0] > T or t[-1] <= 0:
+                raise ValueError(f"timesteps must be strictly descending values in (0, {T}], got {t.tolist()}")
+            return np.append(t, 0.0), np.append(t / T, 0.0)  # timesteps exactly as given
+        if cfg.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be passed when `use_dynamic_shifting` is True")
+        s = self.flow_schedule.sigmas(num_inference_steps, sigmas, mu)
         return s * T, s
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:
@@ -368,7 +391,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         return table
 
     def _to_solver_output(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
-        kind = self.config.prediction_type or ("epsilon" if self.config.schedule == "vp" else "flow_prediction")
+        kind = self.config.prediction_type
         if kind in ("epsilon", "flow_prediction"):
             return model_output
         a, s = self._transfer_scalars[i][:2]
@@ -384,11 +407,6 @@ def _is_flow_config(config: Dict[str, Any]) -> bool:
     if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
         return True
     return "beta_schedule" not in config and ("shift" in config or "use_dynamic_shifting" in config)
-
-
-def _check(key: str, value: str, valid: Sequence[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {key} {value!r}; valid values: {', '.join(valid)}")
 
 
 def _resolve_file(path_or_id, subfolder: Optional[str], filename: str, kwargs: dict) -> str:

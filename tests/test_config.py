@@ -22,6 +22,9 @@ def test_defaults_file_and_overrides_layer(tmp_path):
         ("solver.order=abc", "solver.order"),
         ("backend.name=sdxl", "backend.name='sdxl' is not valid; choose one of: toy"),
         ("solver.base_solver=heun", "ddim, adams_bashforth, ipndm"),
+        ("reference.solver=dpm", "reference.solver='dpm' is not valid; choose one of: dpmsolver\\+\\+, unipc"),
+        ("data.split=test", "data.split='test' is not valid; choose one of: train, heldout"),
+        ("data.solve_batch_size=0", "data.solve_batch_size must be >= 1"),
     ],
 )
 def test_bad_keys_and_values_name_what_is_valid(override, message):
@@ -32,3 +35,9 @@ def test_bad_keys_and_values_name_what_is_valid(override, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("does/not/exist.yaml")
+
+
+def test_fixed_solver_orders_are_checked_at_load_time():
+    with pytest.raises(ConfigError, match=r"orders 1..4.*solver.order=5.*solver.base_solver=ddim"):
+        load_config(None, ["solver.base_solver=ipndm", "solver.order=5"])
+    assert load_config(None, ["solver.base_solver=ddim", "solver.order=6"]).solver.order == 6

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 
 from consolver.scheduler import ConsistencySolverScheduler
 from tests.tiny_models import tiny_sd_pipeline
@@ -20,6 +21,12 @@ def test_stable_diffusion_pipeline_end_to_end_is_deterministic(tmp_path):
     first, second = _run(pipe), _run(pipe)
     assert first.shape == (1, 32, 32, 3) and np.isfinite(first).all()
     assert np.array_equal(first, second)  # bit-identical for the same seed
-    # swapping the scheduler in from the pipeline's own config is a working drop-in
-    pipe.scheduler = ConsistencySolverScheduler.from_config(pipe.scheduler.config, base_solver="ddim", solver_order=1)
-    assert not np.array_equal(_run(pipe), first)
+    # swapping the scheduler in from the pipeline's own config is a working drop-in: with the
+    # DDIM table it gives diffusers' DDIM images, and not the order-3 images
+    config = pipe.scheduler.config
+    pipe.scheduler = ConsistencySolverScheduler.from_config(config, base_solver="ddim", solver_order=1)
+    ours = _run(pipe)
+    assert not np.array_equal(ours, first)
+    pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    np.testing.assert_allclose(ours, _run(pipe), atol=1e-4)

@@ -31,11 +31,16 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+# K divides T = 1000: diffusers' DDIM steps from t to t - T // K, which is the next trailing
+# timestep only then (for K = 3, 6, 7 it steps to a time off its own grid; ours follows the grid).
 @pytest.mark.parametrize("K", [1, 4, 5, 10, 20])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_ddim_table_reproduces_diffusers_ddim_over_a_whole_loop(K, set_alpha_to_one):
-    ref = DDIMScheduler(**SD15, timestep_spacing="trailing", set_alpha_to_one=set_alpha_to_one, clip_sample=False)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddim_table_reproduces_diffusers_ddim_over_a_whole_loop(K, set_alpha_to_one, prediction_type):
+    ref = DDIMScheduler(**SD15, timestep_spacing="trailing", set_alpha_to_one=set_alpha_to_one, clip_sample=False,
+                        prediction_type=prediction_type)
     ours = ConsistencySolverScheduler.from_config(ref.config)
+    assert ours.config.prediction_type == prediction_type
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(K))
     out_ref = _loop(ref, _toy_model(), x, num_inference_steps=K)
     out = _loop(ours, _toy_model(), x, num_inference_steps=K)
@@ -68,11 +73,18 @@ def test_flux_style_sigmas_and_mu():
 
 
 def test_fp16_inputs_use_fp32_math_and_keep_dtype():
-    sched = ConsistencySolverScheduler(solver_order=3, base_solver="adams_bashforth")
-    x = torch.randn(1, 4, 8, 8).half()
-    sched.set_timesteps(4)
-    out = sched.step(torch.randn_like(x), sched.timesteps[0], x).prev_sample
-    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    half, full = (ConsistencySolverScheduler(solver_order=3, base_solver="adams_bashforth") for _ in range(2))
+    half.set_timesteps(4)
+    full.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)).half()
+    model = _toy_model()
+    for t in half.timesteps:  # a whole loop: the multistep history is kept in fp32 too
+        d = model(x.float(), t).half()
+        out = half.step(d, t, x).prev_sample
+        assert out.dtype == torch.float16
+        # the same inputs in fp32 give the same step: fp32 math inside, one cast at the end
+        assert torch.equal(out, full.step(d.float(), t, x.float()).prev_sample.half())
+        x = out
 
 
 def _tables_scheduler(**kwargs):
@@ -108,6 +120,11 @@ def test_invalid_tables_are_rejected():
         sched.set_coefficient_tables({3: np.ones((3, 3))})
     with pytest.raises(ValueError, match="does not exist"):
         sched.set_coefficient_tables({2: [[0.5, 0.5], [1.0, 0.0]]})
+    # tables arriving through a config (from_pretrained / from_config) are checked as well
+    with pytest.raises(ValueError, match="does not exist"):
+        ConsistencySolverScheduler(solver_order=2, coefficient_tables={"2": [[0.5, 0.5], [1.0, 0.0]]})
+    with pytest.raises(ValueError, match="shape"):
+        ConsistencySolverScheduler(solver_order=3, coefficient_tables={"2": [[1.0, 0.0], [1.5, -0.5]]})
 
 
 def test_policy_round_trips_through_safetensors(tmp_path):
@@ -164,6 +181,32 @@ def test_unknown_names_are_clear_errors():
         ConsistencySolverScheduler(base_solver="heun")
     with pytest.raises(ValueError, match="not `sigmas`"):
         ConsistencySolverScheduler().set_timesteps(sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="not both"):
+        ConsistencySolverScheduler(schedule="flow").set_timesteps(timesteps=[1000.0, 500.0], sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="descending"):
+        ConsistencySolverScheduler(schedule="flow").set_timesteps(timesteps=[500.0, 800.0])
+
+
+@pytest.mark.parametrize("option", [{"rescale_betas_zero_snr": True}, {"use_karras_sigmas": True},
+                                    {"shift_terminal": 0.1}, {"time_shift_type": "linear"}])
+def test_configs_with_unsupported_noise_options_are_refused(option):
+    cls = FlowMatchEulerDiscreteScheduler if "shift" in next(iter(option)) else DDIMScheduler
+    config = dict(cls().config, **option)
+    with pytest.raises(ValueError, match=next(iter(option))):
+        ConsistencySolverScheduler.from_config(config)
+    plain = dict(cls().config, **{k: None if k == "time_shift_type" else False for k in option})
+    ConsistencySolverScheduler.from_config(plain)  # the same options switched off are fine
+
+
+def test_flow_custom_timesteps_are_kept_exactly():
+    sched = ConsistencySolverScheduler(schedule="flow")
+    timesteps = [1000.0, 570.0, 290.0, 57.0]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    out = _loop(sched, _toy_model(), x, timesteps=timesteps)
+    assert sched.timesteps.tolist() == timesteps and sched.step_index == 4
+    torch.testing.assert_close(sched.sigmas, torch.tensor([1.0, 0.57, 0.29, 0.057, 0.0]))
+    ref = FlowMatchEulerDiscreteScheduler()  # shift 1: its sigmas from timesteps are unshifted too
+    torch.testing.assert_close(out, _loop(ref, _toy_model(), x, timesteps=timesteps), rtol=1e-5, atol=1e-6)
 
 
 def test_set_timesteps_resets_state_and_custom_timesteps():

@@ -114,7 +114,8 @@ class ToyBackend(Backend):
                  num_heldout_prompts: int = 4, prompts: Optional[Sequence[str]] = None,
                  device: str | torch.device = "cpu"):
         if resolution < 8 or renders_per_prompt < 1 or component_std <= 0:
-            raise ValueError(f"toy backend needs resolution >= 8, renders_per_prompt >= 1 and component_std > 0; "
+            raise ValueError(f"toy backend needs resolution >= 8, renders_per_prompt >= 1 and component_std > 0 "
+                             f"(config backend.resolution, backend.toy.renders_per_prompt, backend.toy.component_std); "
                              f"got {resolution}, {renders_per_prompt}, {component_std}")
         if isinstance(schedule, str):
             if schedule not in TOY_SCHEDULES:
@@ -132,7 +133,8 @@ class ToyBackend(Backend):
                        + toy_scenes.prompt_list("heldout", num_heldout_prompts))
         canonical = list(dict.fromkeys(toy_scenes.canonical_prompt(p) for p in prompts))
         if not canonical:
-            raise ValueError("the toy backend needs at least one prompt")
+            raise ValueError("the toy backend needs at least one prompt (config backend.toy.num_train_prompts "
+                             "+ backend.toy.num_heldout_prompts >= 1)")
         self._prompts: list[str] = []
         self._index: dict[str, int] = {}
         self._means = torch.empty(0, 3 * self.resolution**2, device=self.device)
@@ -199,7 +201,7 @@ class ToyBackend(Backend):
         With ``prompt_index [B]`` the search is restricted to each sample's own prompt; without it,
         it runs over every component. Component ``k`` belongs to prompt ``k // renders_per_prompt``.
         """
-        x = latents.reshape(latents.shape[0], -1)
+        x = latents.reshape(latents.shape[0], -1).to(torch.promote_types(latents.dtype, torch.float32))
         means, sq_norms = self._bank(x.dtype)
         if prompt_index is None:
             return nearest_component(x, means, sq_norms)
@@ -244,13 +246,14 @@ class ToyBackend(Backend):
 
     def predict(self, x: torch.Tensor, t, cond: TensorDict, guidance: float) -> torch.Tensor:
         """Exact eps (VP) or velocity (flow) for ``x [B, 3, H, W]`` at timesteps ``t`` (scalar or
-        ``[B]``), guided with scale ``guidance``; computed and returned in ``x``'s dtype."""
+        ``[B]``), guided with scale ``guidance``; returned in ``x``'s dtype, computed in it but at
+        least in float32 (the logits reach ~1e6 near the data: float16 would overflow)."""
         B = x.shape[0]
         prompt_index = cond["prompt_index"].to(self.device)
         if prompt_index.shape != (B,):
             raise ValueError(f"cond has batch {tuple(prompt_index.shape)} but x has batch {B}")
-        flat = x.reshape(B, -1)
-        dtype = flat.dtype
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        flat = x.reshape(B, -1).to(dtype)
         a64, s64 = self.alpha_sigma(t, B)
         alpha, sigma = a64.to(self.device, dtype)[:, None], s64.to(self.device, dtype)[:, None]
         c2 = self.component_std**2
@@ -268,7 +271,7 @@ class ToyBackend(Backend):
             mbar = mbar[:B] + guidance * (mbar[B:] - mbar[:B])
         eps, x0 = posterior_outputs(flat, mbar, alpha, sigma, c2)
         out = eps if isinstance(self.schedule, VPSchedule) else eps - x0
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).to(x.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1]: ``(latents + 1) / 2``, clamped."""

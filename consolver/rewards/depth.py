@@ -20,22 +20,22 @@ from torch import nn
 
 from consolver.rewards.base import register_reward
 from consolver.rewards.hf import IMAGENET_MEAN, IMAGENET_STD, PretrainedReward, load_transformers
+from consolver.rewards.pixel import MAX_PSNR_DB
+from consolver.rewards.pixel import minmax_normalize as _minmax_normalize
+from consolver.rewards.pixel import psnr as pixel_psnr
 
-MSE_FLOOR = 1e-10  # PSNR of identical maps: 100 dB
+MSE_FLOOR = 10 ** (-MAX_PSNR_DB / 10)  # PSNR of identical maps: 100 dB
 
 
 def minmax_normalize(depth: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per-image min-max normalisation of maps ``[B, h, w]`` to [0, 1] (constant maps -> 0)."""
-    flat = depth.flatten(1)
-    low, high = flat.min(1).values, flat.max(1).values
-    scale = (high - low).clamp_min(eps)
-    return (depth - low.view(-1, 1, 1)) / scale.view(-1, 1, 1)
+    """Per-image min-max normalisation of maps ``[B, h, w]`` to [0, 1] (constant maps -> 0); the
+    tiny ``eps`` keeps it scale-free for networks whose raw outputs span very small ranges."""
+    return _minmax_normalize(depth, eps)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of maps ``[B, h, w]`` with values in [0, 1]: ``[B]`` in [0, 100]."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    return (10.0 * torch.log10(1.0 / mse.clamp_min(MSE_FLOOR))).clamp_min(0.0)
+    return pixel_psnr(pred, target).clamp_min(0.0)
 
 
 @register_reward("depth")

@@ -28,6 +28,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, max_db: floa
     return 10 * torch.log10(data_range**2 / mse.clamp(min=floor))
 
 
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample min-max normalisation of ``[B, ...]`` to [0, 1] (constant maps become 0).
+
+    The depth rewards (``depth``, ``toy_depth``) compare maps normalised this way with :func:`psnr`.
+    """
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp(min=eps)).reshape(maps.shape)
+
+
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32, device=None) -> torch.Tensor:
     """Normalised 1-D Gaussian ``[size]``."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -92,4 +102,4 @@ class PixelSSIM(_PixelReward):
         return 100 * ssim(preview, target_features)
 
 
-__all__ = ["MAX_PSNR_DB", "PixelPSNR", "PixelSSIM", "gaussian_window", "psnr", "ssim"]
+__all__ = ["MAX_PSNR_DB", "PixelPSNR", "PixelSSIM", "gaussian_window", "minmax_normalize", "psnr", "ssim"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from consolver.rewards.base import Reward, register_reward
-from consolver.rewards.pixel import psnr
+from consolver.rewards.pixel import minmax_normalize, psnr
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,6 @@ def prepare_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return torch.cat([(x - 0.5) / 0.25, grid], dim=1)
 
 
-def minmax_normalize(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-sample min-max normalisation of ``[B, ...]`` to [0, 1] (constant maps become 0)."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp(min=eps)).reshape(maps.shape)
-
-
 class _ToyNetReward(Reward):
     task = ""
 
@@ -121,10 +114,11 @@ class _ToyNetReward(Reward):
         self.freeze()
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw network output ``[B, classes, r, r]`` (float32) for images ``[B, 3, H, W]`` in [0, 1]."""
-        dtype = next(self.net.parameters()).dtype
+        """Raw network output ``[B, classes, r, r]`` (float32, on the network's device) for images
+        ``[B, 3, H, W]`` in [0, 1]."""
+        param = next(self.net.parameters())
         with torch.no_grad():
-            return self.net(prepare_input(images, self.resolution).to(dtype)).float()
+            return self.net(prepare_input(images.to(param.device), self.resolution).to(param.dtype)).float()
 
 
 @register_reward("toy_seg")
@@ -141,7 +135,8 @@ class ToySegReward(_ToyNetReward):
         return self.predict_mask(target).to(torch.uint8)
 
     def score(self, preview: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
-        agree = self.predict_mask(preview) == target_features.to(preview.device).long()
+        pred = self.predict_mask(preview)
+        agree = pred == target_features.to(pred.device).long()
         return 100 * agree.float().flatten(1).mean(1)
 
 

@@ -64,7 +64,7 @@ def adams_bashforth_table(grid: Sequence[float], order: int, width: int | None =
     Step i uses order ``min(i + 1, order)`` (lower-order start).
     """
     grid = np.asarray(grid, dtype=np.float64)
-    _check_order(order)
+    _check_order(order, width)
     K = len(grid) - 1
     table = np.zeros((K, width or order))
     for i in range(K):
@@ -75,7 +75,7 @@ def adams_bashforth_table(grid: Sequence[float], order: int, width: int | None =
 
 def ipndm_table(num_steps: int, order: int, width: int | None = None) -> np.ndarray:
     """iPNDM: constant-step AB weights of order ``min(i + 1, order)`` at step i, ``[K, width]``."""
-    _check_order(order)
+    _check_order(order, width)
     table = np.zeros((num_steps, width or order))
     for i in range(num_steps):
         w = _IPNDM_WEIGHTS[min(i + 1, order)]
@@ -95,6 +95,8 @@ def fixed_table(name: str, grid: Sequence[float], order: int = 1, width: int | N
     raise ValueError(f"unknown fixed solver {name!r}; valid values: {', '.join(FIXED_SOLVERS)}")
 
 
-def _check_order(order: int) -> None:
+def _check_order(order: int, width: int | None = None) -> None:
     if order not in _IPNDM_WEIGHTS:
         raise ValueError(f"solver order must be in 1..4, got {order}")
+    if width is not None and width < order:
+        raise ValueError(f"table width {width} is less than the solver order {order}; use width >= order")

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from consolver.backends.toy import ToyBackend
@@ -70,7 +69,6 @@ def _tiny_cfg():
     return load_config(TINY, [f"data.shard_dir={ROOT / 'data' / 'toy_shards'}"])
 
 
-@pytest.mark.skipif(not (ROOT / "data" / "toy_shards" / "shard-000000.tar").exists(), reason="tiny shards not made")
 def test_shipped_tiny_toy_shards_are_what_their_config_makes(tmp_path):
     shard_dir = ROOT / "data" / "toy_shards"
     assert sum(p.stat().st_size for p in shard_dir.iterdir()) <= 2_000_000

@@ -91,6 +91,27 @@ def test_reward_falls_as_noise_grows(rewards, images, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_scales_are_the_papers(rewards, images, kind):
+    """From the raw network outputs, written out independently: depth = PSNR of min-max normalised
+    maps, segformer = pixel agreement of argmax masks x100, clip/dino = (cos + 1) x 50."""
+    reward = rewards[kind]
+    previews = images.roll(1, 0)
+    pred, target = reward.run(previews), reward.run(images)
+    name = TINY_KINDS[kind]
+    if name == "depth":
+        def norm(d):
+            flat = d.flatten(1)
+            return (flat - flat.min(1, keepdim=True).values) / (flat.max(1, keepdim=True).values - flat.min(1, keepdim=True).values)
+        expected = 10 * torch.log10(1 / (norm(pred) - norm(target)).square().mean(1))
+    elif name == "segformer":
+        expected = 100 * (pred.argmax(1) == target.argmax(1)).flatten(1).float().mean(1)
+    else:
+        expected = 50 * (torch.nn.functional.cosine_similarity(pred, target, dim=-1) + 1)
+    assert torch.all(expected < 99.99)  # a real comparison, not the identical-image cap
+    torch.testing.assert_close(reward(previews, images), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_batched_equals_per_sample(rewards, images, kind):
     reward = rewards[kind]
     previews = (images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)

@@ -87,7 +87,8 @@ def test_batched_equals_per_sample(seg, depth, heldout):
     for reward in (seg, depth):
         batched = reward(preview, target)
         single = torch.cat([reward(preview[i:i + 1], target[i:i + 1]) for i in range(6)])
-        assert torch.allclose(batched, single, rtol=1e-3, atol=0.5), reward.name
+        # seg: at most one pixel of 32 x 32 may flip on a near-tie (0.098 points); depth: float noise
+        assert torch.allclose(batched, single, rtol=0, atol=0.1 if reward is seg else 1e-3), reward.name
 
 
 def test_frozen_and_composite(seg):

@@ -51,6 +51,8 @@ def test_tables_shapes_and_warm_start():
         fixed_table("heun", grid)
     with pytest.raises(ValueError, match="order"):
         ipndm_table(4, 5)
+    with pytest.raises(ValueError, match="width 2 is less than the solver order 3"):
+        adams_bashforth_table(grid, 3, width=2)
 
 
 # --- convergence order on a Gaussian, whose PF-ODE solution is closed-form ----------------
