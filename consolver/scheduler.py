@@ -28,8 +28,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from consolver.policy import CoefficientPolicy, build_policy, step_observation
 from consolver.schedules import SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
+from consolver.solvers.grid import flow_grid, vp_grid
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
-from consolver.solvers.tables import FIXED_SOLVERS, fixed_table
+from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, validate_table
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             self.vp_schedule = None
         if solver_order < 1:
             raise ValueError(f"solver_order must be >= 1, got {solver_order}")
-        self._tables = {int(k): self._validate_table(np.asarray(v, dtype=np.float64), int(k))
+        self._tables = {int(k): validate_table(np.asarray(v, dtype=np.float64), int(k), self.config.solver_order)
                         for k, v in (coefficient_tables or {}).items()}
         self.policy_module: Optional[CoefficientPolicy] = None
         if policy is not None:  # weights arrive from from_pretrained or attach_policy
@@ -151,7 +152,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
 
     def set_coefficient_tables(self, tables: Dict[int, Union[np.ndarray, Sequence[Sequence[float]]]]) -> None:
         """Install learned tables ``{K: [K, solver_order]}`` (validated, saved in the config)."""
-        checked = {int(k): self._validate_table(np.asarray(v, dtype=np.float64), int(k)) for k, v in tables.items()}
+        checked = {int(k): validate_table(np.asarray(v, dtype=np.float64), int(k), self.config.solver_order) for k, v in tables.items()}
         self._tables = checked
         self.register_to_config(coefficient_tables={str(k): v.tolist() for k, v in sorted(checked.items())})
 
@@ -329,33 +330,13 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
 
     def _grid(self, num_inference_steps=None, timesteps=None, sigmas=None, mu=None) -> Tuple[np.ndarray, np.ndarray]:
-        """``(grid_t [K+1], grid_ode [K+1])``: timesteps (VP ends at -1; flow ``sigma*T``) and
-        ODE times (VP rho = s/a, flow sigma), float64."""
+        """``(grid_t [K+1], grid_ode [K+1])``, see :mod:`consolver.solvers.grid`."""
         cfg = self.config
         if cfg.schedule == "vp":
             if sigmas is not None:
                 raise ValueError("a VP schedule takes `num_inference_steps` or integer `timesteps`, not `sigmas`")
-            if timesteps is not None:
-                t = np.asarray(timesteps, dtype=np.int64)
-                if t.ndim != 1 or len(t) == 0 or np.any(np.diff(t) >= 0) or t[0] >= cfg.num_train_timesteps or t[-1] < 0:
-                    raise ValueError(f"timesteps must be strictly descending integers in [0, {cfg.num_train_timesteps}), got {t.tolist()}")
-            else:
-                t = self.vp_schedule.timesteps(num_inference_steps, cfg.timestep_spacing, cfg.steps_offset)
-            grid_t = np.append(t, -1).astype(np.float64)
-            return grid_t, self.vp_schedule.rho(grid_t.astype(np.int64)).numpy()
-        T = cfg.num_train_timesteps
-        if timesteps is not None:
-            if sigmas is not None:
-                raise ValueError("a flow-matching schedule takes `sigmas` (shifted here) or final `timesteps` "
-                                 "(sigma * num_train_timesteps), not both")
-            t = np.asarray(timesteps, dtype=np.float64)
-            if t.ndim != 1 or len(t) == 0 or np.any(np.diff(t) >= 0) or t[0] > T or t[-1] <= 0:
-                raise ValueError(f"timesteps must be strictly descending values in (0, {T}], got {t.tolist()}")
-            return np.append(t, 0.0), np.append(t / T, 0.0)  # timesteps exactly as given
-        if cfg.use_dynamic_shifting and mu is None:
-            raise ValueError("`mu` must be passed when `use_dynamic_shifting` is True")
-        s = self.flow_schedule.sigmas(num_inference_steps, sigmas, mu)
-        return s * T, s
+            return vp_grid(self.vp_schedule, num_inference_steps, timesteps, cfg.timestep_spacing, cfg.steps_offset)
+        return flow_grid(self.flow_schedule, num_inference_steps, timesteps, sigmas, mu)
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:
         """Policy observations ``[K, 4]`` for every step of the grid."""
@@ -380,15 +361,6 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     def _policy_coefficients(self, i: int) -> torch.Tensor:
         observation = self._observations[i : i + 1].to(self._history[0].device)
         return self.policy_module.mode(observation, len(self._history), self._history)
-
-    def _validate_table(self, table: np.ndarray, K: int) -> np.ndarray:
-        m = self.config.solver_order
-        if table.shape != (K, m):
-            raise ValueError(f"coefficient table for K={K} must have shape ({K}, {m}), got {table.shape}")
-        for i in range(min(K, m)):
-            if np.any(table[i, i + 1:] != 0):
-                raise ValueError(f"table K={K} row {i} weights history that does not exist yet: {table[i].tolist()}")
-        return table
 
     def _to_solver_output(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
         kind = self.config.prediction_type

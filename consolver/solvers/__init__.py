@@ -8,7 +8,9 @@ from consolver.solvers.tables import (
     ddim_table,
     fixed_table,
     ipndm_table,
+    validate_table,
 )
+from consolver.solvers.grid import flow_grid, vp_grid
 
 __all__ = [
     "FIXED_SOLVERS",
@@ -20,5 +22,8 @@ __all__ = [
     "fixed_table",
     "flow_transfer",
     "ipndm_table",
+    "validate_table",
     "vp_transfer",
+    "flow_grid",
+    "vp_grid",
 ]

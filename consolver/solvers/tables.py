@@ -100,3 +100,14 @@ def _check_order(order: int, width: int | None = None) -> None:
         raise ValueError(f"solver order must be in 1..4, got {order}")
     if width is not None and width < order:
         raise ValueError(f"table width {width} is less than the solver order {order}; use width >= order")
+
+
+def validate_table(table: np.ndarray, num_steps: int, width: int) -> np.ndarray:
+    """Check a learned table ``[K, width]``: right shape, no weight on history that does not
+    exist yet (row i may use entries ``0..i``). Returns the table; raises ``ValueError``."""
+    if table.shape != (num_steps, width):
+        raise ValueError(f"coefficient table for K={num_steps} must have shape ({num_steps}, {width}), got {table.shape}")
+    for i in range(min(num_steps, width)):
+        if np.any(table[i, i + 1:] != 0):
+            raise ValueError(f"table K={num_steps} row {i} weights history that does not exist yet: {table[i].tolist()}")
+    return table
