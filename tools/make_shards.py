@@ -61,4 +61,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:  # bad config, prompts or paths: a clear message, not a traceback
+        sys.exit(f"make_shards: error: {err}")
