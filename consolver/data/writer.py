@@ -264,8 +264,6 @@ def make_shards(
     ``on_progress(num_new_samples)`` drive a progress bar. Returns a summary dict.
     """
     rank, world_size = resolve_rank(rank, world_size)
-    if cfg.data.solve_batch_size < 1:
-        raise ConfigError(f"data.solve_batch_size must be >= 1, got {cfg.data.solve_batch_size}")
     backend = backend if backend is not None else _build_backend(cfg)
     if reward is None and cfg.rewards:
         from consolver.rewards import build_rewards

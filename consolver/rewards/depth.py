@@ -20,22 +20,7 @@ from torch import nn
 
 from consolver.rewards.base import register_reward
 from consolver.rewards.hf import IMAGENET_MEAN, IMAGENET_STD, PretrainedReward, load_transformers
-from consolver.rewards.pixel import MAX_PSNR_DB
-from consolver.rewards.pixel import minmax_normalize as _minmax_normalize
-from consolver.rewards.pixel import psnr as pixel_psnr
-
-MSE_FLOOR = 10 ** (-MAX_PSNR_DB / 10)  # PSNR of identical maps: 100 dB
-
-
-def minmax_normalize(depth: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per-image min-max normalisation of maps ``[B, h, w]`` to [0, 1] (constant maps -> 0); the
-    tiny ``eps`` keeps it scale-free for networks whose raw outputs span very small ranges."""
-    return _minmax_normalize(depth, eps)
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of maps ``[B, h, w]`` with values in [0, 1]: ``[B]`` in [0, 100]."""
-    return pixel_psnr(pred, target).clamp_min(0.0)
+from consolver.rewards.pixel import minmax_normalize, normalized_map_psnr
 
 
 @register_reward("depth")
@@ -71,11 +56,10 @@ class DepthReward(PretrainedReward):
 
     def score(self, preview: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
         """PSNR ``[B]`` in [0, 100] dB of the preview's normalised depth against the cached one."""
-        pred = minmax_normalize(self.run(preview))
-        target = target_features.to(pred.device, torch.float32)
-        if pred.shape[-2:] != target.shape[-2:]:
-            pred = F.interpolate(pred[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return psnr(pred, target)
+        pred = self.run(preview)
+        if pred.shape[-2:] != target_features.shape[-2:]:  # features cached at another input size
+            pred = F.interpolate(pred[:, None], size=target_features.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return normalized_map_psnr(pred, target_features)
 
 
-__all__ = ["DepthReward", "minmax_normalize", "psnr"]
+__all__ = ["DepthReward"]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -154,6 +155,12 @@ def _hw(value: Any) -> Tuple[int, int]:
     return int(value), int(value)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalization(mean: Tuple[float, ...], std: Tuple[float, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` as ``[1, 3, 1, 1]`` float32 tensors on ``device``, made once per device."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
 @dataclass(frozen=True)
 class ImageProcessing:
     """Batched, on-device equivalent of a Hugging Face image processor.
@@ -232,8 +239,7 @@ class ImageProcessing:
                 raise ValueError(f"crop {self.crop} is larger than the resized image {(h, w)}")
             top, left = (h - ch) // 2, (w - cw) // 2
             x = x[..., top:top + ch, left:left + cw]
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = _normalization(self.mean, self.std, x.device)
         return (x - mean) / std
 
 

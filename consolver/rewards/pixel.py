@@ -28,14 +28,22 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, max_db: floa
     return 10 * torch.log10(data_range**2 / mse.clamp(min=floor))
 
 
-def minmax_normalize(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-sample min-max normalisation of ``[B, ...]`` to [0, 1] (constant maps become 0).
 
-    The depth rewards (``depth``, ``toy_depth``) compare maps normalised this way with :func:`psnr`.
+    The tiny ``eps`` keeps it scale-free for networks whose raw outputs span very small ranges.
     """
     flat = maps.flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     return ((flat - lo) / (hi - lo).clamp(min=eps)).reshape(maps.shape)
+
+
+def normalized_map_psnr(pred_maps: torch.Tensor, target_normalized: torch.Tensor) -> torch.Tensor:
+    """The depth rewards' scale (``depth``, ``toy_depth``, as the paper's code): PSNR in dB of
+    min-max normalised ``pred_maps [B, h, w]`` against already normalised target maps, ``[B]``
+    in [0, ``MAX_PSNR_DB``] (clamped at 0)."""
+    pred = minmax_normalize(pred_maps)
+    return psnr(pred, target_normalized.to(pred)).clamp(min=0)
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -102,4 +110,5 @@ class PixelSSIM(_PixelReward):
         return 100 * ssim(preview, target_features)
 
 
-__all__ = ["MAX_PSNR_DB", "PixelPSNR", "PixelSSIM", "gaussian_window", "minmax_normalize", "psnr", "ssim"]
+__all__ = ["MAX_PSNR_DB", "PixelPSNR", "PixelSSIM", "gaussian_window", "minmax_normalize", "normalized_map_psnr", "psnr",
+           "ssim"]

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from consolver.rewards.base import Reward, register_reward
-from consolver.rewards.pixel import minmax_normalize, psnr
+from consolver.rewards.hf import parse_dtype
+from consolver.rewards.pixel import minmax_normalize, normalized_map_psnr
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_WEIGHTS = {"seg": DATA_DIR / "toy_seg.safetensors", "depth": DATA_DIR / "toy_depth.safetensors"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- networks
@@ -106,10 +106,9 @@ class _ToyNetReward(Reward):
     def __init__(self, model: Optional[str] = None, dtype: Optional[str] = None):
         super().__init__()
         self.net, self.spec = load_net(model or DEFAULT_WEIGHTS[self.task], self.task)
-        if dtype is not None:
-            if dtype not in _DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r} for reward {self.name!r}; valid: {', '.join(_DTYPES)}")
-            self.net.to(_DTYPES[dtype])
+        low_precision = parse_dtype(dtype)  # same dtype names as every reward; None = float32
+        if low_precision is not None:
+            self.net.to(low_precision)
         self.resolution = int(self.spec["resolution"])
         self.freeze()
 
@@ -154,8 +153,7 @@ class ToyDepthReward(_ToyNetReward):
         return minmax_normalize(self.predict_depth(target))
 
     def score(self, preview: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
-        pred = minmax_normalize(self.predict_depth(preview))
-        return psnr(pred, target_features.to(pred)).clamp(min=0)
+        return normalized_map_psnr(self.predict_depth(preview), target_features)
 
 
 # ---------------------------------------------------------------- metrics

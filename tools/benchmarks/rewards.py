@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks._timing import time_call
-from consolver.rewards.depth import MSE_FLOOR
+from consolver.rewards.pixel import MAX_PSNR_DB
 from consolver.rewards.testing import REWARD_CLASSES, full_size_model, hf_image_processor, tiny_model
 
 
@@ -55,7 +55,7 @@ def _pil_score(kind: str, pred: np.ndarray, target: np.ndarray) -> float:
         return (cos + 1.0) * 50.0
     if kind == "depth":
         norm = [(d - d.min()) / max(d.max() - d.min(), 1e-12) for d in (pred, target)]
-        mse = max(float(np.mean((norm[0] - norm[1]) ** 2)), MSE_FLOOR)
+        mse = max(float(np.mean((norm[0] - norm[1]) ** 2)), 10 ** (-MAX_PSNR_DB / 10))
         return max(0.0, 10.0 * np.log10(1.0 / mse))
     return float(np.mean(pred == target)) * 100.0
 
