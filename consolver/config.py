@@ -99,6 +99,73 @@ class DataConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """The coefficient policy (actor) and, for ``algo.advantage=gae``, its critic.
+
+    Actions are the ``solver.order - 1`` free coefficients; the one the sum-to-one constraint
+    implies is ``implied`` (``newest``: the weight of the newest model output, so exploration
+    noise on the other weights is paid against the nearest history entry; ``oldest``: the paper's
+    choice). Every distribution centres on the base solver (``solver.base_solver``): bins sit at
+    ``base + offsets`` with offsets spanning ``ranges`` (one ``[lo, hi]`` per free coefficient,
+    the last one repeated), so the untrained mode is the base solver for every K and step.
+    """
+
+    name: str = "table"  # table: parameters per (K, step) | mlp: the paper's MLP on the step features
+    distribution: str = "bins"  # bins: categorical over num_bins values | gaussian: learned mean and scale
+    implied: str = "newest"  # newest | oldest: which coefficient sum-to-one implies
+    num_bins: int = 11
+    ranges: List[List[float]] = field(default_factory=lambda: [[-1.0, 1.0]])  # offsets from the base solver
+    init_std: float = 0.3  # initial exploration std, coefficient units (bins: a discretised Gaussian)
+    hidden: int = 256  # mlp width (policy and critic)
+    sample_features: bool = False  # observation also holds cosine similarities between history entries
+
+
+@dataclass
+class AlgoConfig:
+    """The training algorithm. A batch is ``data.batch_size`` (prompt, noise, target) samples times
+    ``group_size`` rollouts each; one training iteration = one batch."""
+
+    name: str = "grpo"  # ppo | grpo | rloo | distill
+    group_size: int = 8  # G rollouts per (prompt, noise)
+    lr: float = 0.02
+    lr_schedule: str = "cosine"  # constant | cosine (to lr_min_ratio * lr at trainer.max_steps)
+    lr_min_ratio: float = 0.1
+    warmup_steps: int = 0  # iterations of linear warm-up
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    epochs: int = 1  # PPO epochs over each batch (rloo: always 1)
+    minibatches: int = 1  # PPO minibatches per epoch
+    clip_epsilon: float = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0  # ppo: KL penalty to the initial policy
+    advantage: str = "group"  # ppo: group (mean of the G rollouts) | gae (critic)
+    normalize_std: bool = False  # divide group advantages by the group std (standard GRPO)
+    min_group_std: float = 0.5  # with normalize_std: std floor, reward units (near-ties get no inflated advantage)
+    gamma: float = 1.0  # gae
+    lmbda: float = 0.95  # gae
+    distill_loss: str = "log_mse"  # distill: log_mse (-PSNR of latents) | mse | reward
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning trainer and logging. Steps count training iterations (batches)."""
+
+    max_steps: int = 600
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # int, list or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
+    precision: str = "32-true"
+    num_threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
+    log_every_n_steps: int = 10
+    checkpoint_every: int = 100  # iterations between checkpoints (plus `last`)
+    eval_every: int = 200  # iterations between held-out evaluations (0: off)
+    eval_num_noises: int = 32  # held-out evaluation: noises per held-out prompt
+    image_every: int = 200  # iterations between preview | target image grids (0: off)
+    progress_bar: bool = True
+
+
+@dataclass
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     guidance: float = 3.0  # classifier-free guidance for targets and previews alike
@@ -106,6 +173,9 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     rewards: List[RewardConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
 
@@ -176,8 +246,59 @@ def validate(cfg: Config) -> None:
                        ("data.solve_batch_size", cfg.data.solve_batch_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    validate_training(cfg)
     if cfg.backend.name != "toy" and not cfg.backend.model:
         raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")
+
+
+POLICY_NAMES = ("table", "mlp")
+DISTRIBUTIONS = ("bins", "gaussian")
+IMPLIED = ("newest", "oldest")
+ALGOS = ("ppo", "grpo", "rloo", "distill")
+ADVANTAGES = ("group", "gae")
+LR_SCHEDULES = ("constant", "cosine")
+DISTILL_LOSSES = ("log_mse", "mse", "reward")
+
+
+def validate_training(cfg: Config) -> None:
+    """Checks of the ``policy``, ``algo`` and ``trainer`` sections."""
+    policy, algo, trainer = cfg.policy, cfg.algo, cfg.trainer
+    _choice("policy.name", policy.name, POLICY_NAMES)
+    _choice("policy.distribution", policy.distribution, DISTRIBUTIONS)
+    _choice("policy.implied", policy.implied, IMPLIED)
+    _choice("algo.name", algo.name, ALGOS)
+    _choice("algo.advantage", algo.advantage, ADVANTAGES)
+    _choice("algo.lr_schedule", algo.lr_schedule, LR_SCHEDULES)
+    _choice("algo.distill_loss", algo.distill_loss, DISTILL_LOSSES)
+    if policy.num_bins < 2:
+        raise ConfigError(f"policy.num_bins must be >= 2, got {policy.num_bins}")
+    if not policy.ranges or any(len(r) != 2 or not r[0] < r[1] for r in policy.ranges):
+        raise ConfigError(f"policy.ranges must be a list of [lo, hi] pairs with lo < hi, got {list(policy.ranges)}")
+    if any(not r[0] <= 0.0 <= r[1] for r in policy.ranges):
+        raise ConfigError(f"policy.ranges are offsets from the base solver and must contain 0, got {list(policy.ranges)}")
+    if policy.init_std <= 0:
+        raise ConfigError(f"policy.init_std must be > 0, got {policy.init_std}")
+    if algo.name == "distill" and policy.distribution != "gaussian":
+        raise ConfigError("algo.name=distill backpropagates through the mode action, which needs a continuous "
+                          "policy: set policy.distribution=gaussian")
+    if algo.name == "distill" and policy.sample_features:
+        raise ConfigError("algo.name=distill does not support policy.sample_features=true")
+    if algo.advantage == "gae" and algo.name != "ppo":
+        raise ConfigError(f"algo.advantage=gae needs a critic, which only algo.name=ppo trains (got {algo.name!r})")
+    if algo.name in ("grpo", "rloo", "ppo") and algo.advantage == "group" and algo.group_size < 2:
+        raise ConfigError(f"algo.group_size must be >= 2 for group advantages, got {algo.group_size}")
+    for key, value in (("algo.group_size", algo.group_size), ("algo.epochs", algo.epochs),
+                       ("algo.minibatches", algo.minibatches), ("trainer.max_steps", trainer.max_steps),
+                       ("trainer.checkpoint_every", trainer.checkpoint_every),
+                       ("trainer.log_every_n_steps", trainer.log_every_n_steps),
+                       ("trainer.eval_num_noises", trainer.eval_num_noises)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if algo.lr <= 0:
+        raise ConfigError(f"algo.lr must be > 0, got {algo.lr}")
+    if (cfg.data.batch_size * algo.group_size) % algo.minibatches:
+        raise ConfigError(f"algo.minibatches={algo.minibatches} must divide data.batch_size x algo.group_size = "
+                          f"{cfg.data.batch_size * algo.group_size} rollouts")
 
 
 def to_container(cfg: Config) -> Dict[str, Any]:
@@ -191,14 +312,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
+    "AlgoConfig",
     "BackendConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "PolicyConfig",
     "ReferenceConfig",
     "RewardConfig",
     "SolverConfig",
     "ToyConfig",
+    "TrainerConfig",
     "load_config",
     "save_config",
     "to_container",

@@ -166,6 +166,15 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             tables[int(K)] = self._policy_table(times)
         return tables
 
+    def grid(self, num_inference_steps: int, mu: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(grid_t [K+1], grid_ode [K+1])`` float64 of a K-step solve (see :mod:`consolver.solvers.grid`)."""
+        return self._grid(num_inference_steps, mu=mu)
+
+    def base_table(self, num_inference_steps: int, mu: Optional[float] = None) -> np.ndarray:
+        """The fixed ``base_solver``'s coefficient table ``[K, solver_order]`` on this K's grid."""
+        grid_ode = self.grid(num_inference_steps, mu)[1]
+        return fixed_table(self.config.base_solver, grid_ode, self.config.solver_order, self.config.solver_order)
+
     @property
     def available_num_steps(self) -> List[int]:
         """K values with a learned table (empty: any K works with the base solver or policy)."""

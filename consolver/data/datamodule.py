@@ -60,6 +60,7 @@ class ShardLoader(DataLoader):
         dataset.emit_stats = True
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kwargs)
         self.epoch = 0
+        self.skip_batches = 0  # resume: batches of the next epoch already consumed (read and dropped)
         self._totals: Counter = Counter()
         self._live: Dict[int, Dict[str, int]] = {}
 
@@ -73,12 +74,15 @@ class ShardLoader(DataLoader):
         self._fold()
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
+        skip, self.skip_batches = self.skip_batches, 0
         try:
             for batch in super().__iter__():
                 stats = batch.pop(STATS_KEY, None)
                 if stats is not None:
                     self._live[stats.pop("worker")] = stats
-                if batch:
+                if batch and skip > 0:
+                    skip -= 1
+                elif batch:
                     yield batch
         finally:
             self._fold()
@@ -128,6 +132,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_set: Optional[ShardStream] = None
         self._loaders: list[ShardLoader] = []
         self._epoch = 0
+        self._skip = 0
 
     def _check(self, urls: Sequence[str]) -> None:
         meta = peek_meta(urls[0])
@@ -184,7 +189,8 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         loader = self._loader(self.train_set)
-        loader.epoch = self._epoch
+        loader.epoch, loader.skip_batches = self._epoch, self._skip
+        self._skip = 0
         return loader
 
     def val_dataloader(self):
@@ -206,3 +212,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._epoch = int(state_dict.get("epoch", 0))
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the next train loader in ``epoch`` (its shard order and sample order), after
+        dropping its first ``batches`` batches: the data position of a resumed run (the training
+        module records how many batches of the epoch it consumed)."""
+        self._epoch, self._skip = int(epoch), int(batches)

@@ -1,6 +1,7 @@
 """Pure numerics of the generalized linear multistep solver and its fixed tables."""
 
-from consolver.solvers.lmm import combine_history, constrained_coefficients, flow_transfer, vp_transfer
+from consolver.solvers.lmm import (IMPLIED_COLUMNS, combine_history, constrained_coefficients, flow_transfer,
+                                   free_coefficients, vp_transfer)
 from consolver.solvers.tables import (
     FIXED_SOLVERS,
     adams_bashforth_coefficients,
@@ -14,6 +15,7 @@ from consolver.solvers.grid import flow_grid, vp_grid
 
 __all__ = [
     "FIXED_SOLVERS",
+    "IMPLIED_COLUMNS",
     "adams_bashforth_coefficients",
     "adams_bashforth_table",
     "combine_history",
@@ -21,6 +23,7 @@ __all__ = [
     "ddim_table",
     "fixed_table",
     "flow_transfer",
+    "free_coefficients",
     "ipndm_table",
     "validate_table",
     "vp_transfer",

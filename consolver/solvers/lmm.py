@@ -76,21 +76,47 @@ def flow_transfer(x: torch.Tensor, v: torch.Tensor, sigma: Scalar, sigma_next: S
     return x + step * v
 
 
-def constrained_coefficients(free: torch.Tensor, num_available: int) -> torch.Tensor:
+IMPLIED_COLUMNS = ("oldest", "newest")
+
+
+def constrained_coefficients(free: torch.Tensor, num_available: int, implied: str = "oldest") -> torch.Tensor:
     """Complete free coefficients under ``sum_j w_j = 1`` over the available history.
 
     Args:
-        free: ``[..., m - 1]`` free coefficients (column j weights ``d_{i-j}``).
+        free: ``[..., m - 1]`` free coefficients; only the first ``n - 1`` are used.
         num_available: history entries that exist now, ``1 <= n <= m``.
+        implied: which coefficient the constraint sets. ``"oldest"`` (the paper's): free column
+            j weights ``d_{i-j}``, column ``n - 1`` is ``1 - sum``. ``"newest"``: free column j
+            weights ``d_{i-j-1}``, column 0 (the newest output) is ``1 - sum``.
     Returns:
-        ``[..., m]``: columns ``< n - 1`` copied from ``free``, column ``n - 1`` set to
-        ``1 - sum`` of them, columns ``>= n`` zero. A constant history is then reproduced.
+        ``[..., m]`` summing to 1 over the first ``n`` columns, zero beyond them. A constant
+        history is then reproduced.
     """
     m = free.shape[-1] + 1
     n = int(num_available)
     if not 1 <= n <= m:
         raise ValueError(f"num_available must be in [1, {m}], got {n}")
+    if implied not in IMPLIED_COLUMNS:
+        raise ValueError(f"implied must be one of {IMPLIED_COLUMNS}, got {implied!r}")
     w = free.new_zeros(*free.shape[:-1], m)
-    w[..., : n - 1] = free[..., : n - 1]
-    w[..., n - 1] = 1.0 - free[..., : n - 1].sum(-1)
+    used = free[..., : n - 1]
+    rest = 1.0 - used.sum(-1)
+    if implied == "oldest":
+        w[..., : n - 1] = used
+        w[..., n - 1] = rest
+    else:
+        w[..., 1:n] = used
+        w[..., 0] = rest
     return w
+
+
+def free_coefficients(row: torch.Tensor, num_available: int, implied: str = "oldest") -> torch.Tensor:
+    """Inverse of :func:`constrained_coefficients`: the free coordinates ``[..., m - 1]`` of a
+    full coefficient row ``[..., m]`` (unused free columns are 0)."""
+    m = row.shape[-1]
+    n = int(num_available)
+    if not 1 <= n <= m:
+        raise ValueError(f"num_available must be in [1, {m}], got {n}")
+    free = row.new_zeros(*row.shape[:-1], m - 1)
+    free[..., : n - 1] = row[..., : n - 1] if implied == "oldest" else row[..., 1:n]
+    return free

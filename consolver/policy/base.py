@@ -85,16 +85,17 @@ class CoefficientPolicy(nn.Module, ABC):
 class TimeMLPPolicy(CoefficientPolicy):
     """MLP on the step observation; free coefficients ``offset + tanh(out) * scale``.
 
-    ``offset``/``scale`` give each free coefficient its range (the paper's bins: first
-    ``[1, 3]``, second ``[-2, 0]``, others ``[-1, 1]``); the output layer starts at zero, so an
-    untrained policy sits at the range centres.
+    ``offset``/``scale`` give each free coefficient its range ``offset +- scale``. The output
+    layer starts at zero, so an untrained policy sits at ``offset``, by default DDIM's free
+    coefficients ``(1, 0, ...)``: it starts as DDIM (the paper's ranges ``[1, 3]``, ``[-2, 0]``
+    put DDIM on their edges, which a tanh never reaches).
     """
 
     def __init__(self, order: int = 4, hidden: int = 64, offset: Optional[Sequence[float]] = None,
                  scale: Optional[Sequence[float]] = None):
         super().__init__(order)
         free = self.order - 1
-        default_offset = [2.0, -1.0] + [0.0] * max(free - 2, 0)
+        default_offset = [1.0] + [0.0] * max(free - 1, 0)
         self.hidden = int(hidden)
         self.register_buffer("offset", torch.tensor(list(offset) if offset is not None else default_offset[:free], dtype=torch.float32))
         self.register_buffer("scale", torch.tensor(list(scale) if scale is not None else [1.0] * free, dtype=torch.float32))

@@ -1,0 +1,264 @@
+"""``PreviewAlgorithm``: the LightningModule every training algorithm builds on.
+
+It owns the actor (and a critic where an algorithm has one), builds the frozen runtime
+(backend, reward, training scheduler, environments) in ``setup``, and runs one *iteration*
+per data batch: draw K (the same on every rank), turn the batch of B (prompt, noise, target)
+samples into the environment's reset input, hand it to the algorithm (:meth:`train_on`),
+step the LR schedule and log. Optimisation is manual (``self.manual_backward`` for every
+backward, so DDP stays in sync over several updates per batch); ``global_step`` counts
+optimizer steps, ``updates_per_batch`` of them per iteration.
+
+A batch whose reward or loss is not finite, on any rank, is skipped on every rank, counted
+(``skipped_batches``) and logged; its update is never applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from tensordict import TensorDict
+from tensordict.nn import InteractionType, set_interaction_type
+
+from consolver.config import Config, to_container
+from consolver.env import PreviewEnv, expand_groups, observation_dim, reset_batch, solve_plan
+from consolver.policy.actor import ACTION, make_actor
+from consolver.solvers.lmm import constrained_coefficients
+
+logger = logging.getLogger(__name__)
+
+
+def solver_scheduler(cfg: Config, schedule):
+    """The :class:`~consolver.scheduler.ConsistencySolverScheduler` that training steps with and
+    export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing."""
+    from consolver.schedules import VPSchedule
+    from consolver.scheduler import ConsistencySolverScheduler
+
+    return ConsistencySolverScheduler(schedule="vp" if isinstance(schedule, VPSchedule) else "flow",
+                                      **schedule.diffusers_config(), solver_order=int(cfg.solver.order),
+                                      base_solver=cfg.solver.base_solver, timestep_spacing=cfg.solver.timestep_spacing)
+
+
+class PreviewAlgorithm(L.LightningModule):
+    """Base of ``ppo``, ``grpo``, ``rloo`` and ``distill`` (``algo.name``).
+
+    Args:
+        cfg: the training :class:`~consolver.config.Config`.
+        runtime: optional prebuilt ``{"backend", "reward"}`` (tests, tools); built from ``cfg``
+            in ``setup`` otherwise. Never part of the state dict.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg: Config, runtime: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.save_hyperparameters({"config": to_container(cfg)})
+        self.order = int(cfg.solver.order)
+        self.trained_num_steps = sorted(set(int(k) for k in cfg.solver.num_steps))
+        self.obs_dim = observation_dim(self.order, cfg.policy.sample_features)
+        self.actor = make_actor(cfg.policy, self.order, self.trained_num_steps, self.obs_dim)
+        self.__dict__["runtime"] = dict(runtime or {})  # frozen models: not submodules, not checkpointed
+        self.skipped_batches = 0
+        self.data_position = {"epoch": 0, "batches": 0}
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps per iteration (``global_step`` advances by this much per batch)."""
+        return 1
+
+    @property
+    def iteration(self) -> int:
+        return self.global_step // self.updates_per_batch
+
+    # ------------------------------------------------------------------ runtime
+    def setup(self, stage: Optional[str] = None) -> None:
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.build_runtime(device)
+
+    def build_runtime(self, device: torch.device) -> Dict[str, Any]:
+        """Backend, reward, reward names and the training scheduler, built once."""
+        rt = self.runtime
+        if "scheduler" in rt:
+            return rt
+        from consolver.backends import build_backend
+        from consolver.rewards import build_rewards
+
+        cfg = self.cfg
+        if "backend" not in rt:
+            backend_cfg = cfg.backend.copy() if hasattr(cfg.backend, "copy") else cfg.backend
+            if backend_cfg.device == "auto":
+                backend_cfg.device = str(device)
+            rt["backend"] = build_backend(backend_cfg)
+        backend = rt["backend"]
+        if "reward" not in rt:
+            rt["reward"] = build_rewards(cfg.rewards)
+        rt["reward"] = rt["reward"].to(backend.device)
+        rt["reward_names"] = [r.name for r in cfg.rewards]
+        rt["scheduler"] = solver_scheduler(cfg, backend.schedule)
+        rt["envs"] = {}
+        return rt
+
+    def env(self, num_rollouts: int) -> PreviewEnv:
+        """The environment for N rollouts (one per batch size met)."""
+        rt = self.runtime
+        if num_rollouts not in rt["envs"]:
+            rt["envs"][num_rollouts] = PreviewEnv(
+                rt["backend"], rt["reward"], rt["reward_names"], rt["scheduler"], self.cfg.guidance, num_rollouts,
+                implied=self.cfg.policy.implied, sample_features=self.cfg.policy.sample_features)
+        return rt["envs"][num_rollouts]
+
+    # ------------------------------------------------------------------ data -> reset input
+    def draw_num_steps(self, iteration: int) -> int:
+        """K for an iteration: from ``solver.num_steps``, seeded by (seed, iteration): every rank and
+        a resumed run draw the same."""
+        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + int(iteration))
+        return self.trained_num_steps[int(torch.randint(len(self.trained_num_steps), (1,), generator=g))]
+
+    def reset_input(self, batch: Dict[str, Any], num_steps: int, group_size: int = 1) -> TensorDict:
+        """The environment's reset input ``[B * group_size]`` from a loader batch."""
+        backend, names = self.runtime["backend"], self.runtime["reward_names"]
+        dev = backend.device
+        missing = [n for n in names if n not in batch["features"]]
+        if missing:
+            raise KeyError(f"the batch has no cached target features for reward(s) {missing}: remake the shards with "
+                           f"these rewards configured (tools/make_shards.py) or point data.shard_dir at shards that have them")
+        cond = backend.encode(batch["prompt"]) if "ref_image" not in batch else backend.encode(
+            batch["prompt"], batch["ref_image"].to(dev).float() / 255)
+        feats = {n: batch["features"][n].to(dev) for n in names}
+        data = reset_batch(batch["noise"].to(dev), cond, feats, num_steps, batch["target_latent"].to(dev))
+        return expand_groups(data, group_size)
+
+    def rollout(self, data: TensorDict, num_steps: int, deterministic: bool):
+        """Run the actor in the environment: ``(rollout [N, K], env)``; latents stay in the env."""
+        env = self.env(data.shape[0])
+        start = env.reset(data).select(*env.observation_spec.keys(), "done", "terminated")
+        mode = InteractionType.DETERMINISTIC if deterministic else InteractionType.RANDOM
+        with set_interaction_type(mode):
+            roll = env.rollout(num_steps, self.actor, tensordict=start, auto_reset=False, return_contiguous=True,
+                               break_when_any_done=False)
+        return roll, env
+
+    # ------------------------------------------------------------------ one iteration
+    def training_step(self, batch: Dict[str, Any], batch_idx: int):
+        it = self.iteration
+        K = self.draw_num_steps(it)
+        stats = self.train_on(batch, K)
+        self.data_position["batches"] += 1
+        for scheduler in self._lr_schedulers():
+            scheduler.step()
+        if stats is None:
+            return None
+        stats["lr"] = self.optimizers().param_groups[0]["lr"]
+        self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, on_step=True, prog_bar=False,
+                      batch_size=batch["noise"].shape[0], rank_zero_only=True)
+        self.log("reward", float(stats["reward_mean"]), prog_bar=True, on_step=True, rank_zero_only=True,
+                 batch_size=batch["noise"].shape[0])
+        return None
+
+    def train_on(self, batch: Dict[str, Any], num_steps: int) -> Optional[Dict[str, float]]:
+        """One algorithm iteration on a loader batch at K = ``num_steps``; returns scalars to log
+        (``reward_mean`` at least), or None when the batch was skipped."""
+        raise NotImplementedError
+
+    def gather_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over every rank (for logging rewards)."""
+        return self.trainer.strategy.reduce(value.detach().float().mean(), reduce_op="mean") if self._trainer else value.mean()
+
+    def skip_if_not_finite(self, what: str, *values: torch.Tensor) -> bool:
+        """True (and counted, logged) when any value on any rank is not finite."""
+        bad = any(not bool(torch.isfinite(v).all()) for v in values)
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            self.skipped_batches += 1
+            logger.warning("iteration %d: non-finite %s, batch skipped (%d skipped so far)", self.iteration, what,
+                           self.skipped_batches)
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, rank_zero_only=True)
+        return bad
+
+    def apply_gradients(self, loss: torch.Tensor, optimizer) -> Optional[float]:
+        """Backward, clip, step; the update is dropped if the loss or the gradient is not finite.
+        Returns the gradient norm, or None when dropped."""
+        if self.skip_if_not_finite("loss", loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        clip = float(self.cfg.algo.grad_clip) or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        if not bool(torch.isfinite(norm)):  # gradients are synced: every rank sees the same norm
+            self.skipped_batches += 1
+            logger.warning("iteration %d: non-finite gradient, update skipped", self.iteration)
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step()
+        return float(norm)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        algo, trainer = self.cfg.algo, self.cfg.trainer
+        opt = torch.optim.Adam(self.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
+        total, warm, floor = max(1, trainer.max_steps), max(0, algo.warmup_steps), algo.lr_min_ratio
+
+        def factor(iteration: int) -> float:  # stepped once per iteration
+            if iteration < warm:
+                return (iteration + 1) / warm
+            if algo.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (iteration - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}
+
+    def _lr_schedulers(self) -> List:
+        s = self.lr_schedulers()
+        return [] if s is None else (s if isinstance(s, list) else [s])
+
+    # ------------------------------------------------------------------ the learned solver
+    @torch.no_grad()
+    def coefficient_table(self, num_steps: int) -> np.ndarray:
+        """The actor's mode as a coefficient table ``[K, order]`` (float64), what export ships."""
+        if num_steps not in self.trained_num_steps:
+            raise ValueError(f"K={num_steps} was not trained; trained K: {self.trained_num_steps}")
+        if self.cfg.policy.sample_features:
+            raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
+        rt = self.build_runtime(self.device)
+        obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied)
+        K = num_steps
+        td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
+                         "base_action": base, "action_mask": mask}, batch_size=[K]).to(self.device)
+        with set_interaction_type(InteractionType.DETERMINISTIC):
+            free = self.actor(td)[ACTION].float().cpu()
+        rows = [constrained_coefficients(free[i], min(i + 1, self.order), self.cfg.policy.implied) for i in range(K)]
+        return torch.stack(rows).double().numpy()
+
+    def coefficient_tables(self, num_steps: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+        return {int(K): self.coefficient_table(int(K)) for K in (num_steps or self.trained_num_steps)}
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_train_epoch_start(self) -> None:
+        if self.data_position.get("resume_epoch") != self.current_epoch:
+            self.data_position = {"epoch": self.current_epoch, "batches": 0}
+        else:
+            self.data_position.pop("resume_epoch")
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["consolver"] = {"skipped_batches": self.skipped_batches, "data_position": dict(self.data_position)}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        extra = checkpoint.get("consolver", {})
+        self.skipped_batches = int(extra.get("skipped_batches", 0))
+        pos = extra.get("data_position", {"epoch": 0, "batches": 0})
+        self.data_position = {"epoch": pos["epoch"], "batches": pos["batches"], "resume_epoch": pos["epoch"]}
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(pos["epoch"], pos["batches"])

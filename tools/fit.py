@@ -1,0 +1,86 @@
+"""Train a ConsistencySolver and export it as a diffusers scheduler.
+
+    python tools/fit.py                                   # the toy default, conf/toy_depth.yaml
+    python tools/fit.py --config conf/toy_seg.yaml algo.name=ppo trainer.max_steps=300
+    python tools/fit.py --config conf/toy_depth.yaml --resume     # continue from <output_dir>/checkpoints/last.ckpt
+    python tools/fit.py --print-config                    # the resolved config, then exit
+    torchrun --nproc-per-node 2 tools/fit.py --config ... trainer.strategy=ddp trainer.devices=2
+
+Writes ``<output_dir>/scheduler/`` (load it with ``ConsistencySolverScheduler.from_pretrained``),
+``checkpoints/`` and TensorBoard logs in ``tb/``. If the config's shards are missing (toy
+configs), they are made first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consolver.config import ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
+log = logging.getLogger("fit")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(Path.cwd()) if DEFAULT_CONFIG.is_relative_to(Path.cwd()) else DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. algo.name=ppo")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last.ckpt")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in batch logs)")
+    return parser.parse_args(argv)
+
+
+def ensure_shards(cfg, progress: bool) -> None:
+    """Make the config's shards if ``data.shard_dir`` holds none (and no explicit shards are set)."""
+    if cfg.data.train_shards or any(Path(cfg.data.shard_dir).glob("*.tar")) and not any(Path(cfg.data.shard_dir).glob("*.partial")):
+        return
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"no shards in {cfg.data.shard_dir!r}: make them first, e.g. "
+                          f"torchrun --nproc-per-node N tools/make_shards.py --config ... (same config)")
+    from tqdm import tqdm
+
+    from consolver.data.writer import make_shards
+
+    log.info("no shards in %s: making %d samples first (tools/make_shards.py does the same)", cfg.data.shard_dir,
+             cfg.data.num_samples)
+    bar = tqdm(unit="sample", desc="make shards", disable=not progress, dynamic_ncols=True)
+    try:
+        make_shards(cfg, 0, 1, on_start=lambda n: bar.reset(total=n), on_progress=bar.update)
+    finally:
+        bar.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return None
+    ensure_shards(cfg, not args.no_progress)
+    from consolver.train import fit
+
+    result = fit(cfg, resume=args.resume, progress_bar=False if args.no_progress else None)
+    if result.scheduler_dir is not None:
+        path = result.scheduler_dir
+        print(f"\nsolver exported to {path}\nload it into a diffusers pipeline:\n"
+              f"    from consolver import ConsistencySolverScheduler\n"
+              f"    pipe.scheduler = ConsistencySolverScheduler.from_pretrained({str(path)!r})\n"
+              f"evaluate it: python tools/evaluate.py {path} --config {args.config or 'conf/toy_depth.yaml'}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
+        sys.exit(f"fit: error: {err}")
