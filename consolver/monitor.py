@@ -53,6 +53,7 @@ class TrainingMonitor(Callback):
         self.cfg, self.num_images = cfg, num_images
         self.eval_set = None
         self.last_eval: Dict[str, float] = {}
+        self.last_eval_iteration: Optional[int] = None
 
     def _experiment(self, trainer):
         return getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
@@ -75,7 +76,7 @@ class TrainingMonitor(Callback):
     def on_train_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
             self.log_tables(trainer, module)
-            if self.cfg.trainer.eval_every > 0:
+            if self.cfg.trainer.eval_every > 0 and self.last_eval_iteration != module.iteration:
                 self.evaluate(trainer, module)
 
     # ------------------------------------------------------------------ parts
@@ -123,7 +124,7 @@ class TrainingMonitor(Callback):
         if tb is not None:
             for key, value in results.items():
                 tb.add_scalar(key, value, module.iteration)
-        self.last_eval = results
+        self.last_eval, self.last_eval_iteration = results, module.iteration
         logger.info("held-out eval at iteration %d: %s", module.iteration,
                     ", ".join(f"{k[5:]}={v:.3g}" for k, v in results.items() if k.endswith(rt["reward_names"][0])))
         return results

@@ -148,6 +148,9 @@ class PreviewAlgorithm(L.LightningModule):
     # ------------------------------------------------------------------ one iteration
     def training_step(self, batch: Dict[str, Any], batch_idx: int):
         it = self.iteration
+        # sampling seeded by (seed, iteration, rank): ranks explore differently, a resumed run
+        # samples exactly what an uninterrupted one does
+        torch.manual_seed((int(self.cfg.seed) * 1_000_003 + it) * 4099 + self.global_rank)
         K = self.draw_num_steps(it)
         stats = self.train_on(batch, K)
         self.data_position["batches"] += 1

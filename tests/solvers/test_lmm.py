@@ -60,3 +60,18 @@ def test_constrained_coefficients_sum_to_one_over_available_history(available):
     torch.testing.assert_close(combine_history([d] * available, w), d)
     with pytest.raises(ValueError):
         constrained_coefficients(free, 5)
+
+
+@pytest.mark.parametrize("implied", ["oldest", "newest"])
+@pytest.mark.parametrize("available", [1, 2, 3, 4])
+def test_free_coefficients_invert_constrained_coefficients(implied, available):
+    from consolver.solvers import free_coefficients
+
+    free = torch.randn(5, 3)
+    free[:, available - 1:] = 0
+    w = constrained_coefficients(free, available, implied)
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
+    assert torch.all(w[:, available:] == 0)
+    torch.testing.assert_close(free_coefficients(w, available, implied), free)
+    implied_column = 0 if implied == "newest" else available - 1
+    torch.testing.assert_close(w[:, implied_column], 1 - free[:, : available - 1].sum(-1))
