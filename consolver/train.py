@@ -55,7 +55,7 @@ def build_trainer(cfg: Config, module, callbacks: Sequence[Any] = (), progress_b
     from consolver.monitor import TrainingMonitor
 
     t, updates = cfg.trainer, module.updates_per_batch
-    checkpoints = ModelCheckpoint(dirpath=str(checkpoint_dir(cfg)), filename="step-{step}",
+    checkpoints = ModelCheckpoint(dirpath=str(checkpoint_dir(cfg)), filename="{step}",
                                   every_n_train_steps=t.checkpoint_every * updates, save_last=True, save_top_k=-1)
     show = t.progress_bar if progress_bar is None else progress_bar
     return L.Trainer(

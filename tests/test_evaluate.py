@@ -27,11 +27,14 @@ NOISES = 4
 
 @pytest.fixture(scope="module")
 def world():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is as fast, and far faster on a busy machine
     cfg = load_config(CONFIG)
     backend = build_backend(cfg.backend)
     reward = build_rewards(cfg.rewards)
     eval_set = make_eval_set(cfg, backend, reward, NOISES)
-    return cfg, backend, reward, eval_set
+    yield cfg, backend, reward, eval_set
+    torch.set_num_threads(threads)
 
 
 def save_ddim_tables(path: Path, num_steps, order: int = 4) -> Path:
@@ -131,7 +134,7 @@ def test_tool_end_to_end(tmp_path):
     solver = save_ddim_tables(tmp_path / "run" / "scheduler", [3])
     out = tmp_path / "eval"
     proc = run_tool(solver, "--config", CONFIG, "--num-noises", 2, "--steps", "3,4", "--out", out,
-                    "--baselines", "ddim,dpm", "--no-progress", "reference.num_steps=10",
+                    "--baselines", "ddim,dpm", "--no-progress", "--threads", 1, "reference.num_steps=10",
                     "backend.toy.renders_per_prompt=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps saved by ConsistencySolver (toy_depth" in proc.stdout and "note: ConsistencySolver" in proc.stdout
@@ -150,3 +153,19 @@ def test_tool_missing_scheduler_dir_is_a_one_line_error(tmp_path):
     proc = run_tool(tmp_path / "nowhere", "--config", CONFIG)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "scheduler directory" in proc.stderr and "not found" in proc.stderr
+
+
+def test_tool_argument_parsing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_steps("3-6,8, 12") == [3, 4, 5, 6, 8, 12]
+    with pytest.raises(ValueError, match="--steps"):
+        tool.parse_steps("6-3")
+    solvers, overrides = tool.split_positionals(["runs/a/scheduler", "b=runs/b/scheduler", "guidance=2",
+                                                 "solver.order=3", "runs/c/scheduler"])
+    assert solvers == {"ConsistencySolver": Path("runs/a/scheduler"), "b": Path("runs/b/scheduler"),
+                       "c": Path("runs/c/scheduler")}
+    assert overrides == ["guidance=2", "solver.order=3"]

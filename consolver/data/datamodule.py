@@ -133,6 +133,7 @@ class ShardDataModule(L.LightningDataModule):
         self._loaders: list[ShardLoader] = []
         self._epoch = 0
         self._skip = 0
+        self._resume: Optional[tuple] = None
 
     def _check(self, urls: Sequence[str]) -> None:
         meta = peek_meta(urls[0])
@@ -189,6 +190,9 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         loader = self._loader(self.train_set)
+        if self._resume is not None:  # a resumed run's data position wins over the epoch counter
+            self._epoch, self._skip = self._resume
+            self._resume = None
         loader.epoch, loader.skip_batches = self._epoch, self._skip
         self._skip = 0
         return loader
@@ -217,4 +221,4 @@ class ShardDataModule(L.LightningDataModule):
         """Start the next train loader in ``epoch`` (its shard order and sample order), after
         dropping its first ``batches`` batches: the data position of a resumed run (the training
         module records how many batches of the epoch it consumed)."""
-        self._epoch, self._skip = int(epoch), int(batches)
+        self._resume = (int(epoch), int(batches))
