@@ -8,6 +8,8 @@ from consolver.solvers.tables import (
     ddim_table,
     fixed_table,
     ipndm_table,
+    parse_tables,
+    table_key,
     validate_table,
 )
 from consolver.solvers.grid import flow_grid, vp_grid
@@ -22,6 +24,8 @@ __all__ = [
     "fixed_table",
     "flow_transfer",
     "ipndm_table",
+    "parse_tables",
+    "table_key",
     "validate_table",
     "vp_transfer",
     "flow_grid",
