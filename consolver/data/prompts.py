@@ -28,7 +28,8 @@ def _read_text(path: Path, data: DataConfig) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"data.prompts={data.prompts!r}: not UTF-8 text (byte {err.start}: {err.reason}); "
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(f"data.prompts={data.prompts!r}: not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
                           f"save the prompt file as UTF-8") from None
 
 

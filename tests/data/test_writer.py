@@ -133,7 +133,7 @@ def test_prompt_file_that_is_not_utf8_names_file_and_key(tmp_path):
     for suffix in (".txt", ".jsonl"):
         path = tmp_path / f"latin1{suffix}"
         path.write_bytes("a caf\xe9 on the left\n".encode("latin-1"))
-        with pytest.raises(ConfigError, match=rf"data.prompts='{path}': not UTF-8 text \(byte 5"):
+        with pytest.raises(ConfigError, match=rf"data.prompts='{path}': not UTF-8 text \(line 1, byte 5"):
             load_prompts(make_cfg(tmp_path, f"data.prompts={path}").data)
 
 
