@@ -111,8 +111,9 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         cfg: the training :class:`~consolver.config.Config`.
-        backend: the training backend; when given, its ``meta()`` (schedule, latent shape) is
-            checked against the shards too, not only ``backend.name`` and ``backend.resolution``.
+        backend: the training backend; when given, its ``meta()`` (schedule, prediction type,
+            latent shape, ...) is what the shards must match; without it, what the config alone
+            determines of that meta (:func:`consolver.backends.config_meta`).
         reward_names: rewards whose cached features are loaded (default: ``cfg.rewards``);
             a shard without one of them is an error.
 
