@@ -22,12 +22,6 @@ def _run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _latin1_prompts(tmp_path: Path) -> str:
-    path = tmp_path / "prompts.txt"
-    path.write_bytes("a red circle on the left\na caf\xe9 on the left\n".encode("latin-1"))
-    return str(path)
-
-
 def _bad_word_prompts(tmp_path: Path) -> str:
     path = tmp_path / "prompts.txt"
     path.write_text("a red circle on the left\na mauve circle on the left\n", encoding="utf-8")
@@ -38,9 +32,7 @@ def _bad_word_prompts(tmp_path: Path) -> str:
     (lambda tmp: "solver.ordr=3", "unknown config key 'solver.ordr' (did you mean 'order'?); valid keys in SolverConfig: "),
     (lambda tmp: f"data.prompts={_bad_word_prompts(tmp)}",
      "prompt 1 of data.prompts='{tmp}/prompts.txt' cannot be used: unknown color 'mauve' in toy prompt "),
-    (lambda tmp: f"data.prompts={_latin1_prompts(tmp)}", "data.prompts='{tmp}/prompts.txt': not UTF-8 text (line 2, byte 30"),
-    (lambda tmp: "backend.device=cuda:99", "backend.device='cuda:99' but "),
-], ids=["bad-key", "bad-prompt", "not-utf8", "no-such-gpu"])
+], ids=["bad-key", "bad-prompt"])  # (other bad input: in-process tests of the library, which raises the same errors)
 def test_bad_input_exits_with_one_line(tmp_path, make_override, message):
     result = _run(tmp_path, make_override(tmp_path))
     assert result.returncode == 1, result.stderr[-3000:]
