@@ -87,7 +87,7 @@ def not_available(reward: str, model_id: str, cause: str, local: bool = False) -
 def unsafe_weights(reward: str, source: str, found: str) -> UnsafeWeightsError:
     """The error for a checkpoint that has pickle weights (``found``) but no safetensors."""
     return UnsafeWeightsError(
-        f"reward {reward!r} cannot load model {source!r}: it has {found} but no *.safetensors weights, and reward "
+        f"reward {reward!r} cannot load model {source!r}: it has {found} and no *.safetensors weights; reward "
         f"networks load from safetensors only (use_safetensors=True: a pickle file can run code when loaded). "
         f"Convert the checkpoint where you trust it (load it and save_pretrained() it, which writes "
         f"model.safetensors) and set the config key `rewards[i].model` to that directory.")
