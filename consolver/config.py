@@ -278,12 +278,10 @@ def validate(cfg: Config) -> None:
 
     _check_finite(cfg)
     _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
-    if cfg.backend.name != "toy" and not cfg.backend.model:  # before checks of options this backend may lack
-        raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")
     _check_device("backend.device", cfg.backend.device)
     _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
-    if cfg.backend.name == "toy" and cfg.backend.dtype != "float32":
+    if cfg.backend.name == "toy" and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
         raise ConfigError(f"backend.dtype={cfg.backend.dtype!r} has no effect on the toy backend (its closed-form "
                           f"denoiser always computes in float32); set backend.dtype=float32")
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
@@ -305,6 +303,8 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.num_workers", cfg.data.num_workers), ("data.shuffle_buffer", cfg.data.shuffle_buffer)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.backend.name != "toy" and not cfg.backend.model:
+        raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")
 
 
 def _check_finite(cfg: Any) -> None:
