@@ -8,12 +8,15 @@ with the list of valid ones (and the closest match), never silently.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
@@ -180,8 +183,35 @@ class Config:
     seed: int = 0
 
 
-def _explain(err: OmegaConfBaseException) -> ConfigError:
+def _paths(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """``(path, value)`` of every key in a plain container, lists as ``rewards[0].name``."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            yield path, v
+            yield from _paths(v, path)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield f"{prefix}[{i}]", v
+            yield from _paths(v, f"{prefix}[{i}]")
+
+
+def _key_path(err: OmegaConfBaseException, layer: Any = None) -> str:
+    """The full path of the key an OmegaConf error is about. Merging a list element, OmegaConf
+    reports only the key inside it (``nme``); ``layer`` (the plain container being merged)
+    locates it as ``rewards[0].nme``."""
     key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
+    name = getattr(err, "key", None)
+    if layer is None or not key or name is None or "." in key or "[" in key:
+        return key
+    inside = [(p, v) for p, v in _paths(layer) if "[" in p and p.endswith(f".{name}")]
+    message = str(err)
+    best = [p for p, v in inside if f"'{v}'" in message] or [p for p, _ in inside]
+    return best[0] if best else key
+
+
+def _explain(err: OmegaConfBaseException, layer: Any = None) -> ConfigError:
+    key = _key_path(err, layer)
     section = getattr(err, "object_type", None)
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and is_dataclass(section):
         valid = [f.name for f in fields(section)]
@@ -193,24 +223,113 @@ def _explain(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"invalid config value for {key!r}: {msg}" if key else f"invalid config: {msg}")
 
 
+def _flow(value: Any) -> str:
+    """A value in YAML flow syntax as an override takes it (``None`` entries of mappings left out)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def _list_error(cfg: Any, override: str, err: Exception) -> Optional[ConfigError]:
+    """The message for an index override (``rewards.1.name=x``) that addresses no list entry,
+    showing the list syntax; ``None`` when ``err`` is about something else."""
+    key = override.split("=", 1)[0]
+    parts = [p for p in re.split(r"[.\[\]]", key) if p]
+    node, path = cfg, []
+    for part in parts:
+        if isinstance(node, ListConfig):
+            break
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node, path = node[part], path + [part]
+    else:
+        return None
+    index = parts[len(path)]
+    if re.fullmatch(r"-?[0-9]+", index) and -len(node) <= int(index) < len(node):
+        return None  # an existing entry: the error is about the value, not the index
+    name, n = ".".join(path), len(node)
+    has = "it is empty" if n == 0 else f"it has {n}: {name}[0]" + (f" to {name}[{n - 1}]" if n > 1 else "")
+    example = _flow(OmegaConf.to_container(node, resolve=True))
+    if n == 0:
+        element = getattr(getattr(node, "_metadata", None), "element_type", None)
+        example = "[{" + f"{fields(element)[0].name}: ..." + "}]" if is_dataclass(element) else "[...]"
+    return ConfigError(f"override {override!r}: {name} has no entry {index!r} ({has}); an index override changes "
+                       f"an existing entry only. To set the whole list use the list syntax, e.g. '{name}={example}'")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A YAML config file as a DictConfig; syntax errors and non-mappings as one-line ConfigErrors."""
+    import yaml
+
+    try:
+        layer = OmegaConf.load(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark, context, context_mark = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if context and context_mark is not None:
+            problem += f" ({context} started at line {context_mark.line + 1})"
+        raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML: {problem}") from None
+    if not isinstance(layer, DictConfig):
+        kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of config keys (backend:, solver:, data:, ...) "
+                          f"at its top level, not {kind}")
+    return layer
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated; returns a ``Config``
-    (an OmegaConf object typed as the dataclass, attribute access as usual)."""
-    schema = OmegaConf.structured(Config)
-    try:
-        layers = [schema]
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} not found")
-            layers.append(OmegaConf.load(path))
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        raise _explain(err) from None
+    (an OmegaConf object typed as the dataclass, attribute access as usual). Overrides may index
+    into lists (``rewards.0.weight=2`` or ``rewards[0].weight=2``) or replace them
+    (``rewards=[{name: toy_depth}, {name: toy_seg, weight: 0.5}]``)."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        layer = _load_yaml(path)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, OmegaConf.to_container(layer)) from None
+        except TypeError as err:  # a list written as a mapping or the reverse
+            raise ConfigError(f"config file {str(path)!r}: {_shape_error_key(layer)} has the wrong shape ({err}): lists "
+                              f"are written as '- item' lines or [a, b], sections as 'key: value' lines") from None
+    for override in overrides:
+        try:  # applied to the merged config (not merged as a layer), so list indices reach the lists
+            cfg.merge_with_dotlist([override])
+        except (OmegaConfBaseException, TypeError) as err:
+            index_error = _list_error(cfg, override, err)
+            if index_error is not None:
+                raise index_error from None
+            if not isinstance(err, OmegaConfBaseException):
+                raise ConfigError(f"override {override!r}: {err}") from None
+            raise _explain(err, _override_layer(override)) from None
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
+
+
+def _shape_error_key(layer: DictConfig) -> str:
+    """The first top-level key of ``layer`` that cannot be merged into the schema (TypeError)."""
+    for key in layer:
+        try:
+            OmegaConf.merge(OmegaConf.structured(Config), {key: layer[key]})
+        except TypeError:
+            return repr(key)
+        except OmegaConfBaseException:
+            continue
+    return "a key"
+
+
+def _override_layer(override: str) -> Any:
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([override]))
+    except Exception:  # noqa: BLE001 - only used to locate keys inside lists
+        return None
 
 
 def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:
@@ -227,9 +346,14 @@ def validate(cfg: Config) -> None:
     from consolver.schedules import TIMESTEP_SPACINGS
     from consolver.solvers.tables import FIXED_SOLVERS
 
+    _check_finite(cfg)
     _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
+    _check_device("backend.device", cfg.backend.device)
     _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
+    if cfg.backend.name == "toy" and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
+        raise ConfigError(f"backend.dtype={cfg.backend.dtype!r} has no effect on the toy backend (its closed-form "
+                          f"denoiser always computes in float32); set backend.dtype=float32")
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
     _choice("solver.timestep_spacing", cfg.solver.timestep_spacing, TIMESTEP_SPACINGS)
     _choice("reference.solver", cfg.reference.solver, REFERENCE_SOLVERS)
@@ -246,6 +370,9 @@ def validate(cfg: Config) -> None:
                        ("data.solve_batch_size", cfg.data.solve_batch_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in (("data.num_workers", cfg.data.num_workers), ("data.shuffle_buffer", cfg.data.shuffle_buffer)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     validate_training(cfg)
     if cfg.backend.name != "toy" and not cfg.backend.model:
         raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")
@@ -299,6 +426,38 @@ def validate_training(cfg: Config) -> None:
     if (cfg.data.batch_size * algo.group_size) % algo.minibatches:
         raise ConfigError(f"algo.minibatches={algo.minibatches} must divide data.batch_size x algo.group_size = "
                           f"{cfg.data.batch_size * algo.group_size} rollouts")
+
+
+def _check_finite(cfg: Any) -> None:
+    """Refuse NaN/inf anywhere in the config (every float of every section), naming the key."""
+    if OmegaConf.is_config(cfg):
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        tree = dataclasses.asdict(cfg) if is_dataclass(cfg) else cfg
+    for path, value in _paths(tree):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}={value} is not a finite number")
+
+
+def _check_device(key: str, value: str) -> None:
+    """``auto``, ``cpu``, or a CUDA device that exists on this machine."""
+    if value in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={value!r} but no CUDA GPU is available on this machine "
+                              f"(torch.cuda.is_available() is False); set {key}=cpu or {key}=auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={value!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
 
 
 def to_container(cfg: Config) -> Dict[str, Any]:

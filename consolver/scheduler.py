@@ -17,6 +17,7 @@ Math is float32 inside whatever the model's dtype; the result is cast back.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -30,7 +31,7 @@ from consolver.policy import CoefficientPolicy, build_policy, step_observation
 from consolver.schedules import SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
 from consolver.solvers.grid import flow_grid, vp_grid
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
-from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, validate_table
+from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, parse_tables
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     ):
         _check_choice("schedule", schedule, SCHEDULE_KINDS)
         _check_choice("base_solver", base_solver, FIXED_SOLVERS)
+        _check_finite_numbers(base_shift=base_shift, max_shift=max_shift)  # the schedules check their own numbers
         if prediction_type is None:  # stored resolved, so diffusers schedulers can load this config too
             prediction_type = "epsilon" if schedule == "vp" else "flow_prediction"
             self.register_to_config(prediction_type=prediction_type)
@@ -113,11 +115,13 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             self.vp_schedule = None
         if solver_order < 1:
             raise ValueError(f"solver_order must be >= 1, got {solver_order}")
-        self._tables = {int(k): validate_table(np.asarray(v, dtype=np.float64), int(k), self.config.solver_order)
-                        for k, v in (coefficient_tables or {}).items()}
+        self._tables = parse_tables(coefficient_tables or {}, self.config.solver_order)
         self.policy_module: Optional[CoefficientPolicy] = None
         if policy is not None:  # weights arrive from from_pretrained or attach_policy
             self.policy_module = build_policy(policy["name"], **policy.get("kwargs", {}))
+            if self.policy_module.order != solver_order:  # as attach_policy: tables would have the wrong width
+                raise ValueError(f"policy order {self.policy_module.order} != scheduler solver_order {solver_order} "
+                                 f"in this scheduler config; they must be equal")
         self.num_inference_steps: Optional[int] = None
         self.timesteps: Optional[torch.Tensor] = None
         self.sigmas: Optional[torch.Tensor] = None
@@ -152,7 +156,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
 
     def set_coefficient_tables(self, tables: Dict[int, Union[np.ndarray, Sequence[Sequence[float]]]]) -> None:
         """Install learned tables ``{K: [K, solver_order]}`` (validated, saved in the config)."""
-        checked = {int(k): validate_table(np.asarray(v, dtype=np.float64), int(k), self.config.solver_order) for k, v in tables.items()}
+        checked = parse_tables(tables, self.config.solver_order)
         self._tables = checked
         self.register_to_config(coefficient_tables={str(k): v.tolist() for k, v in sorted(checked.items())})
 
@@ -379,6 +383,13 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         if kind == "v_prediction":  # v = a eps - s x0  =>  eps = s x + a v
             return s * x + a * model_output
         return (x - a * model_output) / s  # sample: x0 given
+
+
+def _check_finite_numbers(**values: Any) -> None:
+    """``ValueError`` naming the first config key whose number is NaN or inf."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f"scheduler config {key}={value} is not a finite number")
 
 
 def _is_flow_config(config: Dict[str, Any]) -> bool:

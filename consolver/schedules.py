@@ -35,8 +35,12 @@ def make_betas(
     beta_end: float = 0.012,
     num_train_timesteps: int = 1000,
 ) -> torch.Tensor:
-    """Betas of a discrete VP schedule, float64 ``[num_train_timesteps]``, each in (0, 1)."""
+    """Betas of a discrete VP schedule, float64 ``[num_train_timesteps]``, each in [0, 1)."""
     _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    _check_num_train_timesteps(num_train_timesteps)
+    for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not 0.0 <= _finite(key, value) < 1.0:
+            raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
     T = num_train_timesteps
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -48,6 +52,43 @@ def make_betas(
 
     betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
     return torch.tensor(betas, dtype=torch.float64)
+
+
+def _finite(key: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _check_num_train_timesteps(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"num_train_timesteps must be a positive integer, got {value!r}")
+
+
+def check_trained_betas(trained_betas, num_train_timesteps: int) -> np.ndarray:
+    """``trained_betas`` as float64 ``[num_train_timesteps]``; ``ValueError`` unless it is a flat
+    list of exactly ``num_train_timesteps`` finite values in [0, 1)."""
+    _check_num_train_timesteps(num_train_timesteps)
+    try:
+        betas = np.asarray(trained_betas, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"trained_betas must be a flat list of numbers ({err})") from None
+    if betas.ndim != 1 or betas.size == 0:
+        raise ValueError(f"trained_betas must be a flat, non-empty list of numbers, got shape {betas.shape}")
+    bad = np.flatnonzero(~np.isfinite(betas))
+    if bad.size:
+        raise ValueError(f"trained_betas has non-finite values (NaN or inf) at indices {bad[:5].tolist()}")
+    bad = np.flatnonzero((betas < 0) | (betas >= 1))
+    if bad.size:
+        raise ValueError(f"trained_betas must lie in [0, 1); index {int(bad[0])} is {betas[bad[0]]}")
+    if betas.size != num_train_timesteps:
+        raise ValueError(f"trained_betas has {betas.size} values but num_train_timesteps={num_train_timesteps}; "
+                         f"they must agree (set num_train_timesteps={betas.size})")
+    return betas
 
 
 def vp_timesteps(
@@ -94,7 +135,7 @@ class VPSchedule:
         trained_betas: Optional[Sequence[float]] = None,
     ) -> "VPSchedule":
         if trained_betas is not None:
-            betas = torch.as_tensor(np.asarray(trained_betas), dtype=torch.float64)
+            betas = torch.from_numpy(check_trained_betas(trained_betas, num_train_timesteps))
             source = {"trained_betas": betas.tolist(), "num_train_timesteps": len(betas)}
         else:
             betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
@@ -176,6 +217,11 @@ class FlowMatchingSchedule:
     shift: float = 1.0
     use_dynamic_shifting: bool = False
     kind: ClassVar[str] = "flow"
+
+    def __post_init__(self) -> None:
+        _check_num_train_timesteps(self.num_train_timesteps)
+        if not _finite("shift", self.shift) > 0:
+            raise ValueError(f"flow-matching shift must be > 0, got {self.shift!r}")
 
     @property
     def sigma_max(self) -> float:

@@ -62,6 +62,10 @@ def test_reference_solve_reaches_the_exact_pf_ode_solution(schedule):
         return float((x - exact).norm() / exact.norm())
 
     assert error("adams_bashforth", 200, order=3) < 1e-3
+    # iPNDM (constant-step AB weights on any grid) and UniPC (diffusers) as whole sampling loops
+    assert error("ipndm", 200, order=3) < 1e-2
+    assert error("ipndm", 10, order=3) < 0.5 * error("ddim", 10)
+    assert error("unipc", 40) < 0.05 and error("unipc", 40) < 0.3 * error("unipc", 10) < 0.3 * error("ddim", 10)
     # DPM-Solver++ (targets): its last step jumps to x0 by a first-order step, so it is a
     # few percent off at 40 steps, still far better than a 4-step DDIM preview
     assert error("dpmsolver++", 40) < 0.05

@@ -248,3 +248,54 @@ def test_add_noise_vp_and_flow():
     flow.set_timesteps(4)
     s = float(flow.sigmas[1])
     torch.testing.assert_close(flow.scale_noise(x0, flow.timesteps[1:2], noise), (1 - s) * x0 + s * noise)
+
+
+def _edit_config(directory, **changes):
+    import json
+
+    path = directory / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))  # json writes NaN/Infinity as they arrive from other tools
+
+
+def test_non_finite_values_in_a_saved_config_are_refused_naming_the_key(tmp_path):
+    sched, _ = _tables_scheduler()
+    sched.save_pretrained(tmp_path)
+    tables = dict(sched.config.coefficient_tables)
+    tables["6"] = [row[:] for row in tables["6"]]
+    tables["6"][2][1] = float("nan")
+    _edit_config(tmp_path, coefficient_tables=tables)
+    with pytest.raises(ValueError, match=r"table for K=6 has non-finite entries \(NaN or inf\) in rows \[2\]"):
+        ConsistencySolverScheduler.from_pretrained(tmp_path)
+    for key, value, message in (("beta_end", float("inf"), "beta_end must be a finite number"),
+                                ("trained_betas", [0.01] * 999 + [float("nan")], "trained_betas has non-finite values"),
+                                ("trained_betas", [0.01] * 10, "trained_betas has 10 values but num_train_timesteps=1000")):
+        ConsistencySolverScheduler(solver_order=3).save_pretrained(tmp_path / key)
+        _edit_config(tmp_path / key, **{key: value})
+        with pytest.raises(ValueError, match=message):
+            ConsistencySolverScheduler.from_pretrained(tmp_path / key)
+    with pytest.raises(ValueError, match="flow-matching shift must be > 0"):
+        ConsistencySolverScheduler(schedule="flow", shift=0.0)
+    with pytest.raises(ValueError, match="scheduler config max_shift=nan is not a finite number"):
+        ConsistencySolverScheduler(schedule="flow", use_dynamic_shifting=True, max_shift=float("nan"))
+
+
+def test_malformed_tables_in_the_constructor_name_their_K():
+    with pytest.raises(ValueError, match=r"table for K=2 is ragged"):
+        ConsistencySolverScheduler(solver_order=2, coefficient_tables={"2": [[1.0, 0.0], [1.5]]})
+    with pytest.raises(ValueError, match=r"table for K=2 has an entry that is not a number"):
+        ConsistencySolverScheduler(solver_order=2, coefficient_tables={"2": [[1.0, 0.0], ["a", -0.5]]})
+    with pytest.raises(ValueError, match=r"table key 'K4' is not a number of steps K"):
+        ConsistencySolverScheduler(solver_order=2, coefficient_tables={"K4": [[1.0, 0.0]] * 4})
+
+
+def test_policy_order_must_match_solver_order_when_loading(tmp_path):
+    sched = ConsistencySolverScheduler(solver_order=2)
+    sched.attach_policy(TimeMLPPolicy(order=2))
+    sched.save_pretrained(tmp_path)
+    _edit_config(tmp_path, solver_order=3)
+    with pytest.raises(ValueError, match="policy order 2 != scheduler solver_order 3"):
+        ConsistencySolverScheduler.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="policy order 4 != scheduler solver_order 2"):
+        ConsistencySolverScheduler(solver_order=2, policy={"name": "time_mlp", "kwargs": {"order": 4}})

@@ -63,3 +63,34 @@ def test_flow_dynamic_shift_matches_diffusers():
     np.testing.assert_allclose(ours, ref.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="mu"):
         FlowMatchingSchedule(use_dynamic_shifting=True).sigmas(6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(beta_end=-0.01), r"beta_end must be a number in \[0, 1\), got -0.01"),
+    (dict(beta_start=float("nan")), "beta_start must be a finite number, got nan"),
+    (dict(beta_end=float("inf")), "beta_end must be a finite number, got inf"),
+    (dict(num_train_timesteps=0), "num_train_timesteps must be a positive integer, got 0"),
+])
+def test_bad_beta_parameters_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VPSchedule.from_betas(**kwargs)
+
+
+def test_trained_betas_are_checked():
+    good = make_betas("scaled_linear", 0.00085, 0.012, 1000)
+    assert torch.equal(VPSchedule.from_betas(trained_betas=good.tolist()).alphas_cumprod, VPSchedule.sd15().alphas_cumprod)
+    with pytest.raises(ValueError, match=r"trained_betas has 999 values but num_train_timesteps=1000"):
+        VPSchedule.from_betas(trained_betas=good[:999].tolist())
+    with pytest.raises(ValueError, match=r"trained_betas has non-finite values \(NaN or inf\) at indices \[3\]"):
+        VPSchedule.from_betas(trained_betas=[0.01, 0.01, 0.01, float("nan")], num_train_timesteps=4)
+    with pytest.raises(ValueError, match=r"trained_betas must lie in \[0, 1\); index 1 is 1.5"):
+        VPSchedule.from_betas(trained_betas=[0.01, 1.5], num_train_timesteps=2)
+    with pytest.raises(ValueError, match="trained_betas must be a flat"):
+        VPSchedule.from_betas(trained_betas=[[0.01, 0.02]], num_train_timesteps=2)
+
+
+@pytest.mark.parametrize("shift,message", [(0.0, "shift must be > 0, got 0.0"), (-2.0, "shift must be > 0, got -2.0"),
+                                           (float("nan"), "shift must be a finite number, got nan")])
+def test_flow_shift_must_be_positive_and_finite(shift, message):
+    with pytest.raises(ValueError, match=message):
+        FlowMatchingSchedule(shift=shift)

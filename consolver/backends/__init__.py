@@ -10,12 +10,23 @@ BACKENDS = {
 }
 
 
+def backend_class(name: str) -> type:
+    """The backend class registered as ``name`` (imported on demand)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_backend(cfg) -> Backend:
     """The backend named by ``cfg.name`` (a :class:`~consolver.config.BackendConfig`)."""
-    if cfg.name not in BACKENDS:
-        raise ValueError(f"unknown backend {cfg.name!r}; valid backends: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[cfg.name].split(":")
-    return getattr(importlib.import_module(module), cls).from_config(cfg)
+    return backend_class(cfg.name).from_config(cfg)
 
 
-__all__ = ["BACKENDS", "Backend", "apply_guidance", "build_backend"]
+def config_meta(cfg) -> dict:
+    """What a backend built from ``cfg`` would report in ``meta()``, as far as the config alone
+    determines it (see :meth:`Backend.config_meta`); builds nothing."""
+    return backend_class(cfg.name).config_meta(cfg)
+
+
+__all__ = ["BACKENDS", "Backend", "apply_guidance", "backend_class", "build_backend", "config_meta"]

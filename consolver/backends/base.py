@@ -35,6 +35,8 @@ class Backend(ABC):
             :class:`~consolver.schedules.FlowMatchingSchedule`.
         latent_shape: per-sample latent shape ``(C, H, W)``.
         resolution: decoded image side in pixels.
+        dtype: the precision the model really computes in (config ``backend.dtype`` where the
+            backend honours it); recorded in shard meta.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Backend(ABC):
     latent_shape: tuple[int, ...]
     resolution: int
     device: torch.device = torch.device("cpu")
+    dtype: str = "float32"
 
     @property
     def prediction_type(self) -> str:
@@ -64,11 +67,26 @@ class Backend(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, resolution, resolution]`` in [0, 1] from latents ``[B, *latent_shape]``."""
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise ``ValueError`` for a prompt this backend cannot encode, cheaply and without
+        encoding (``make_shards`` checks the whole prompt list before it writes anything)."""
+        for n, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {n} is empty")
+
     def meta(self) -> dict:
         """What identifies this backend's outputs (written into shards, checked when reading)."""
         return {
             "backend": self.name,
             "schedule": self.schedule.kind,
+            "prediction_type": self.prediction_type,
             "resolution": self.resolution,
             "latent_shape": list(self.latent_shape),
         }
+
+    @classmethod
+    def config_meta(cls, cfg) -> dict:
+        """The part of :meth:`meta` that the config (a :class:`~consolver.config.BackendConfig`)
+        determines without building the backend (used to check shards when no backend is built).
+        Backends whose config determines more override this."""
+        return {"backend": cfg.name, "resolution": int(cfg.resolution)}

@@ -90,6 +90,15 @@ def prompt_seed(prompt: str, seed: int) -> int:
     return (zlib.crc32(prompt.encode("utf-8")) << 31 ^ int(seed) * 0x9E3779B1) & (2**63 - 1)
 
 
+def configured_prompts(num_train_prompts: int, num_heldout_prompts: int,
+                       prompts: Optional[Sequence[str]] = None) -> list[str]:
+    """The configured prompt set in bank order: canonical, deduplicated ``prompts``, or else the
+    first ``num_train_prompts`` train and ``num_heldout_prompts`` held-out prompts."""
+    if prompts is None:
+        prompts = toy_scenes.prompt_list("train", num_train_prompts) + toy_scenes.prompt_list("heldout", num_heldout_prompts)
+    return list(dict.fromkeys(toy_scenes.canonical_prompt(p) for p in prompts))
+
+
 # ---------------------------------------------------------------- the backend
 
 class ToyBackend(Backend):
@@ -128,10 +137,7 @@ class ToyBackend(Backend):
         self.component_std = float(component_std)
         self.seed = int(seed)
         self.device = torch.device(device)
-        if prompts is None:
-            prompts = (toy_scenes.prompt_list("train", num_train_prompts)
-                       + toy_scenes.prompt_list("heldout", num_heldout_prompts))
-        canonical = list(dict.fromkeys(toy_scenes.canonical_prompt(p) for p in prompts))
+        canonical = configured_prompts(num_train_prompts, num_heldout_prompts, prompts)
         if not canonical:
             raise ValueError("the toy backend needs at least one prompt (config backend.toy.num_train_prompts "
                              "+ backend.toy.num_heldout_prompts >= 1)")
@@ -153,6 +159,25 @@ class ToyBackend(Backend):
                    component_std=toy.component_std, seed=toy.seed, schedule=toy.schedule,
                    num_train_prompts=toy.num_train_prompts, num_heldout_prompts=toy.num_heldout_prompts,
                    device=device)
+
+    @classmethod
+    def config_meta(cls, cfg) -> dict:
+        """Exactly :meth:`meta` of ``from_config(cfg)``, without rendering anything."""
+        toy = cfg.toy
+        if toy.schedule not in TOY_SCHEDULES:
+            raise ValueError(f"unknown toy schedule {toy.schedule!r}; valid: {', '.join(TOY_SCHEDULES)}")
+        r = int(cfg.resolution)
+        return {"backend": cls.name, "schedule": toy.schedule,
+                "prediction_type": "epsilon" if toy.schedule == "vp" else "flow_prediction",
+                "resolution": r, "latent_shape": [3, r, r],
+                "toy": {"renders_per_prompt": int(toy.renders_per_prompt), "component_std": float(toy.component_std),
+                        "seed": int(toy.seed),
+                        "prompts": configured_prompts(toy.num_train_prompts, toy.num_heldout_prompts)}}
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Parse every prompt (``ValueError`` naming the word and the vocabulary); renders nothing."""
+        for prompt in prompts:
+            toy_scenes.canonical_prompt(prompt)
 
     # ------------------------------------------------------------ prompts and components
 
@@ -289,5 +314,5 @@ class ToyBackend(Backend):
         return {**super().meta(), "toy": toy}
 
 
-__all__ = ["TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "nearest_component",
-           "posterior_outputs", "prompt_seed"]
+__all__ = ["TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "configured_prompts",
+           "nearest_component", "posterior_outputs", "prompt_seed"]

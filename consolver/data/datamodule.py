@@ -41,11 +41,13 @@ logger = logging.getLogger(__name__)
 
 
 def expected_meta(cfg: Config, backend=None) -> Dict[str, Any]:
-    """What shards must match: ``backend.name`` and ``backend.resolution`` from the config, and
-    everything ``backend.meta()`` reports (schedule, latent shape, ...) when a backend is given."""
+    """What shards must match: everything ``backend.meta()`` reports (name, schedule, prediction
+    type, resolution, latent shape, ...) when a backend is given, else what the config alone
+    determines of it (:func:`consolver.backends.config_meta`: for the toy backend all of it)."""
+    from consolver.backends import config_meta
+
     meta: Dict[str, Any] = {"backend": cfg.backend.name, "resolution": int(cfg.backend.resolution)}
-    if backend is not None:
-        meta.update(backend.meta())
+    meta.update(backend.meta() if backend is not None else config_meta(cfg.backend))
     return meta
 
 
@@ -113,8 +115,9 @@ class ShardDataModule(L.LightningDataModule):
 
     Args:
         cfg: the training :class:`~consolver.config.Config`.
-        backend: the training backend; when given, its ``meta()`` (schedule, latent shape) is
-            checked against the shards too, not only ``backend.name`` and ``backend.resolution``.
+        backend: the training backend; when given, its ``meta()`` (schedule, prediction type,
+            latent shape, ...) is what the shards must match; without it, what the config alone
+            determines of that meta (:func:`consolver.backends.config_meta`).
         reward_names: rewards whose cached features are loaded (default: ``cfg.rewards``);
             a shard without one of them is an error.
 
@@ -167,7 +170,8 @@ class ShardDataModule(L.LightningDataModule):
         if data.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
         if self.train_set is None:
-            urls = expand_shards(data.train_shards or data.shard_dir)
+            urls = expand_shards(data.train_shards or data.shard_dir,
+                                 "data.train_shards" if data.train_shards else "data.shard_dir")
             self._check(urls)
             self.train_set = ShardStream(self._spec(urls, train=True))
             readers = self._world_size() * max(1, data.num_workers)
@@ -177,7 +181,7 @@ class ShardDataModule(L.LightningDataModule):
             if not data.resampled and self._world_size() > 1:
                 logger.warning("DDP without data.resampled: ranks may get different batch counts")
         if self.val_set is None and data.val_shards:
-            urls = expand_shards(data.val_shards)
+            urls = expand_shards(data.val_shards, "data.val_shards")
             self._check(urls)
             self.val_set = ShardStream(self._spec(urls, train=False))
 

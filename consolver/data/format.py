@@ -12,11 +12,13 @@ Members of sample ``<key>`` (``<key>`` = the global sample index, 10 digits):
 ``ref.png``            editing backends: the reference image passed to ``encode``
 ``instruction.txt``    editing backends: the instruction (same text as ``prompt.txt``)
 ``meta.json``          backend meta (``Backend.meta()``), guidance, reference solver/steps,
-                       seeds, format version, and the CRC32 of every other member
+                       seeds, format version, the CRC32 of every other member, and
+                       ``meta_crc32``: the CRC32 of its own canonical JSON without that key
 =====================  =====================================================================
 
 Everything is encoded deterministically (sorted JSON, fixed PNG settings), so the same inputs
-give the same bytes.
+give the same bytes. A sample whose ``meta.json`` fails its own checksum, or whose ``index``
+is not its key, is corrupt (skipped), never taken for a dataset of another backend.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ from consolver.config import ConfigError
 FORMAT_VERSION = 1
 #: Meta keys compared between shards and the training config, with the config key to name.
 META_CONFIG_KEYS = {"backend": "backend.name", "resolution": "backend.resolution",
-                    "schedule": "the backend's schedule", "latent_shape": "the backend's latent_shape"}
+                    "schedule": "the backend's schedule", "latent_shape": "the backend's latent_shape",
+                    "prediction_type": "the backend's prediction type", "toy": "backend.toy"}
 FEATURE_PREFIX = "feat."
+#: Meta keys every shard has; other expected keys are compared only when the shard records them
+#: (shards made before a key was introduced lack it).
+REQUIRED_META_KEYS = ("backend",)
+META_CRC_KEY = "meta_crc32"
 
 
 class CorruptSampleError(ValueError):
@@ -105,8 +112,38 @@ def encode_sample(
         members["instruction.txt"] = prompt.encode("utf-8")
     full_meta = dict(meta, index=index, features=sorted(features),
                      crc32={name: zlib.crc32(data) for name, data in sorted(members.items())})
-    members["meta.json"] = json.dumps(full_meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    full_meta[META_CRC_KEY] = zlib.crc32(meta_json(full_meta))
+    members["meta.json"] = meta_json(full_meta)
     return {"__key__": sample_key(index), **members}
+
+
+def meta_json(meta: Mapping[str, Any]) -> bytes:
+    """Canonical ``meta.json`` bytes: sorted keys, no spaces, and no NaN/inf (``ValueError``)."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def parse_meta(data: bytes, key: Optional[str] = None, verify_checksum: bool = True) -> Dict[str, Any]:
+    """The ``meta.json`` of sample ``key`` as a dict, checked: valid JSON object, its own
+    checksum (``meta_crc32``, when recorded and ``verify_checksum``), ``index`` matching ``key``.
+    Raises :class:`CorruptSampleError`."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptSampleError(f"sample {key!r}: unreadable meta.json ({err})") from None
+    if not isinstance(meta, dict):
+        raise CorruptSampleError(f"sample {key!r}: meta.json is not an object")
+    if verify_checksum and META_CRC_KEY in meta:
+        try:
+            crc = zlib.crc32(meta_json({k: v for k, v in meta.items() if k != META_CRC_KEY}))
+        except ValueError:  # NaN/inf: never written, so a corruption
+            crc = None
+        if crc != meta[META_CRC_KEY]:
+            raise CorruptSampleError(f"sample {key!r}: checksum mismatch in 'meta.json'")
+    if key is not None and "index" in meta:
+        index = meta["index"]
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0 or sample_key(index) != key:
+            raise CorruptSampleError(f"sample {key!r}: meta.json says index {index!r}, which is not its key")
+    return meta
 
 
 def _normalize(value: Any) -> Any:
@@ -114,11 +151,16 @@ def _normalize(value: Any) -> Any:
 
 
 def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], source: str = "shards") -> None:
-    """Raise :class:`ShardMetaError` naming both values when a key of ``expected`` differs."""
+    """Raise :class:`ShardMetaError` naming both values when a key of ``expected`` differs.
+
+    Every key of ``expected`` that the shard meta records is compared; a key it lacks is an
+    error only for ``REQUIRED_META_KEYS`` (older shards lack keys added since)."""
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ShardMetaError(f"{source} have format_version {version!r}; this reader supports <= {FORMAT_VERSION}")
     for key, want in expected.items():
+        if key not in meta and key not in REQUIRED_META_KEYS:
+            continue
         have = meta.get(key)
         if _normalize(have) != _normalize(want):
             where = META_CONFIG_KEYS.get(key, key)
@@ -193,12 +235,7 @@ def decode_sample(
     (fatal: wrong dataset) or :class:`CorruptSampleError` (skip this sample).
     """
     source = f"shard {raw.get('__url__', '?')}"
-    try:
-        meta = json.loads(_member(raw, "meta.json"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptSampleError(f"sample {raw.get('__key__')!r}: unreadable meta.json ({err})") from None
-    if not isinstance(meta, dict):
-        raise CorruptSampleError(f"sample {raw.get('__key__')!r}: meta.json is not an object")
+    meta = parse_meta(_member(raw, "meta.json"), raw.get("__key__"), verify_checksums)
     check_meta(meta, expected_meta, source)
     names = list(meta.get("features", ())) if required_features is None else list(required_features)
     check_features(meta, names, source)
@@ -221,6 +258,7 @@ def decode_sample(
             sample["instruction"] = _member(raw, "instruction.txt").decode("utf-8")
     except CorruptSampleError:
         raise
-    except (KeyError, ValueError, OSError, EOFError) as err:  # bad npy/png/utf-8 bytes, missing meta fields
+    except (KeyError, ValueError, OSError, EOFError, SyntaxError, Image.DecompressionBombError) as err:
+        # bad npy/png/utf-8 bytes, a PNG declaring a huge size, missing meta fields
         raise CorruptSampleError(f"sample {raw.get('__key__')!r}: {type(err).__name__}: {err}") from None
     return sample

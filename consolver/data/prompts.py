@@ -24,15 +24,23 @@ class PromptRecord(NamedTuple):
     ref_image: Optional[str] = None  # reference image path (editing backends)
 
 
-def _rows_jsonl(path: Path) -> List[dict]:
+def _read_text(path: Path, data: DataConfig) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(f"data.prompts={data.prompts!r}: not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
+                          f"save the prompt file as UTF-8") from None
+
+
+def _rows_jsonl(path: Path, data: DataConfig) -> List[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    for lineno, line in enumerate(_read_text(path, data).split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
     return rows
 
 
@@ -75,9 +83,10 @@ def load_prompts(data: DataConfig, backend=None) -> List[PromptRecord]:
         if data.ref_image_column and path.suffix == ".txt":
             raise ConfigError("data.ref_image_column needs a .jsonl or .parquet prompt file, not .txt")
         if path.suffix == ".txt":
-            records = [PromptRecord(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = _read_text(path, data)
+            records = [PromptRecord(line.strip()) for line in text.splitlines() if line.strip()]
         elif path.suffix == ".jsonl":
-            records = _records_from_rows(_rows_jsonl(path), path, data)
+            records = _records_from_rows(_rows_jsonl(path, data), path, data)
         elif path.suffix == ".parquet":
             columns = [c for c in (data.prompt_column, data.ref_image_column) if c]
             records = _records_from_rows(_rows_parquet(path, columns), path, data)

@@ -2,10 +2,12 @@
 shuffle buffer -> decode -> batches, all inside the DataLoader worker.
 
 Corrupt input never stops training: a sample with a missing member, bad bytes or a CRC
-mismatch is skipped; a shard that cannot be opened, or whose tar stream breaks, ends early
-(everything before the break is still read; a damaged member header is skipped over and the
-members after it are read). Both are logged and counted in :class:`LoaderStats`. A meta
-mismatch (wrong backend/schedule/resolution) is never skipped: it raises.
+mismatch (``meta.json`` included) is skipped; a shard that cannot be opened, or whose tar
+stream breaks, ends early (everything before the break is still read; a damaged member header
+is skipped over and the members after it are read); a shard with no valid tar member at all
+(not a tar: text, an HTML error page, random bytes) is a shard error too. All are logged and
+counted in :class:`LoaderStats`. A meta mismatch (wrong backend/schedule/resolution) of a
+sample whose ``meta.json`` passes its checksum is never skipped: it raises.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from consolver.config import ConfigError
-from consolver.data.format import CorruptSampleError, decode_sample
+from consolver.data.format import CorruptSampleError, decode_sample, parse_meta
 
 logger = logging.getLogger(__name__)
 
@@ -60,37 +62,51 @@ class LoaderStats:
         return {"skipped_samples": self.skipped_samples, "shard_errors": self.shard_errors}
 
 
-def expand_shards(spec: str | Sequence[str]) -> List[str]:
+def expand_shards(spec: str | Sequence[str], key: Optional[str] = None) -> List[str]:
     """Shard URLs from ``"::"``-separated parts: brace patterns (``a-{000..009}.tar``), ``pipe:``
-    commands, URLs, local files, or directories (their ``*.tar`` files, sorted)."""
+    commands, URLs, local files, or directories (their ``*.tar`` files, sorted).
+
+    Local paths must exist; errors name ``key`` (the config key the spec came from)."""
+    where = f"{key}={spec!r}: " if key else ""
     parts = [p for s in ([spec] if isinstance(spec, str) else spec) for p in str(s).split("::") if p]
     urls: List[str] = []
     for part in parts:
-        if not part.startswith("pipe:") and "://" not in part and os.path.isdir(part):
+        local = not part.startswith("pipe:") and "://" not in part
+        if local and os.path.isdir(part):
             found = sorted(str(p) for p in Path(part).glob("*.tar"))
             if not found:
-                raise ConfigError(f"no *.tar shards in directory {part!r}")
+                raise ConfigError(f"{where}no *.tar shards in directory {part!r}")
             urls += found
-        else:
-            urls += list(braceexpand.braceexpand(part))
+            continue
+        expanded = list(braceexpand.braceexpand(part))
+        missing = [u for u in expanded if not os.path.exists(u)] if local else []
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"{where}shard path {missing[0]!r}{more} does not exist; make the shards "
+                              f"(tools/make_shards.py) or fix the path")
+        urls += expanded
     if not urls:
-        raise ConfigError(f"no shards in {spec!r}")
+        raise ConfigError(f"{where}no shards in {spec!r}")
     return urls
 
 
 def tar_members(sources, stats: LoaderStats) -> Iterator[Dict[str, Any]]:
     """Members ``{"fname", "data", "__url__"}`` of opened shards, then ``{}`` after each shard
     (so webdataset's grouping never merges samples across shards). Damaged member headers are
-    skipped over (``ignore_zeros``); a broken stream ends the shard, counted in ``stats``."""
+    skipped over (``ignore_zeros``); a broken stream ends the shard, and a shard with no valid
+    member at all (``ignore_zeros`` skips every block of a file that is not a tar) is an
+    error too; both are counted in ``stats``."""
     for source in sources:
-        url = source["url"]
+        url, members, failed = source["url"], 0, False
         try:
             with tarfile.open(fileobj=source["stream"], mode="r|*", ignore_zeros=True) as tar:
                 for info in tar:
                     if info.isreg():
+                        members += 1
                         yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
                     tar.members = []  # streaming: do not keep every header
         except Exception as err:  # noqa: BLE001 - truncated/garbled tar: count, keep what was read
+            failed = True
             stats.shard_error(err, url)
         finally:
             close = getattr(source["stream"], "close", None)
@@ -98,7 +114,10 @@ def tar_members(sources, stats: LoaderStats) -> Iterator[Dict[str, Any]]:
                 try:
                     close()
                 except Exception as err:  # noqa: BLE001 - e.g. a pipe: command that exited non-zero
+                    failed = True
                     stats.shard_error(err, url)
+        if not members and not failed:
+            stats.shard_error(tarfile.ReadError("no valid tar member: not a tar file, or an empty one"), url)
         yield {}
 
 
@@ -226,13 +245,16 @@ class ShardStream(IterableDataset):
 
 
 def peek_meta(url: str) -> Dict[str, Any]:
-    """``meta.json`` of the first sample of shard ``url`` (to check shards before training)."""
-    import json
-
+    """``meta.json`` of the first sample of shard ``url`` whose meta is intact (to check shards
+    before training); corrupt ones are logged and skipped, as the reader does."""
     stats = LoaderStats()
     streams = wds.tariterators.url_opener([{"url": url}], handler=wds.reraise_exception)
     for member in tar_members(streams, stats):
         if member and member["fname"].endswith(".meta.json"):
-            return json.loads(member["data"])
+            key = wds.tariterators.base_plus_ext(member["fname"])[0]
+            try:
+                return parse_meta(member["data"], key)
+            except CorruptSampleError as err:
+                stats.skip_sample(err, url)
     detail = f": {stats.messages[0]}" if stats.messages else ""
     raise ConfigError(f"shard {url} has no readable meta.json{detail}")

@@ -104,7 +104,7 @@ def plan_for(cfg: Config) -> ShardPlan:
 
 #: Keys of ``meta.json`` that the writer owns (a backend's ``meta()`` must not use them).
 WRITER_META_KEYS = ("format_version", "guidance", "reference_solver", "reference_steps", "timestep_spacing",
-                    "noise_base_seed", "noise_seed", "dtype", "index", "features", "crc32")
+                    "noise_base_seed", "noise_seed", "dtype", "index", "features", "crc32", "meta_crc32")
 
 
 def sample_meta(cfg: Config, backend) -> Dict[str, Any]:
@@ -121,7 +121,7 @@ def sample_meta(cfg: Config, backend) -> Dict[str, Any]:
         reference_steps=int(cfg.reference.num_steps),
         timestep_spacing=cfg.solver.timestep_spacing,
         noise_base_seed=int(cfg.data.seed),
-        dtype=cfg.backend.dtype,
+        dtype=str(getattr(backend, "dtype", "float32")),  # what the backend computes in, not only what was asked
     )
 
 
@@ -155,7 +155,7 @@ def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:
     manifest = {"format_version": FORMAT_VERSION, "num_shards": plan.num_shards, "shards": plan.brace_pattern(),
                 "fingerprint": dict(print_)}
     if path.is_file():
-        old = json.loads(path.read_text()).get("fingerprint", {})
+        old = _read_manifest(path).get("fingerprint", {})
         diff = sorted(k for k in set(old) | set(print_) if old.get(k) != print_.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {print_.get(k)!r}" for k in diff[:5])
@@ -164,8 +164,20 @@ def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:
         return
     plan.shard_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        manifest = err
+    if not isinstance(manifest, dict):
+        detail = f" ({manifest})" if isinstance(manifest, Exception) else " (not a JSON object)"
+        raise ConfigError(f"shard manifest {str(path)!r} is corrupt{detail}; it records which config made the shards "
+                          f"in data.shard_dir: restore it, or delete that directory and make the shards again")
+    return manifest
 
 
 def _commit(partial_name: str) -> None:
@@ -232,6 +244,11 @@ class ReferenceSolver:
         ref_float = None if refs is None else torch.from_numpy(refs).permute(0, 3, 1, 2).float().div(255)
         cond = backend.encode(texts) if ref_float is None else backend.encode(texts, ref_float.to(backend.device))
         target = self._solve(noise.to(backend.device), cond)
+        bad = [i for i, ok in zip(indices, torch.isfinite(target).flatten(1).all(1).tolist()) if not ok]
+        if bad:  # never write NaN/inf targets: the solve diverged or the model overflowed
+            raise ValueError(f"the reference solve gave non-finite latents for samples {bad[:10]} (backend "
+                             f"{backend.name!r}, backend.dtype={cfg.backend.dtype}, guidance={cfg.guidance}, "
+                             f"reference.solver={cfg.reference.solver}); nothing was written for their shard")
         images = backend.decode(target)
         feats = {k: to_numpy(v) for k, v in self._features(images).items()}
         pngs, target = to_uint8_hwc(images), to_numpy(target).astype(np.float32)
@@ -272,6 +289,7 @@ def make_shards(
     if reward is None:
         logger.warning("no rewards configured: the shards cache no target features, so training must compute them")
     prompts = load_prompts(cfg.data, backend)
+    check_prompts(backend, prompts, cfg.data.prompts)  # before dataset.json: fixing a prompt must not be "another config"
     plan = plan_for(cfg)
     check_manifest(plan, fingerprint(cfg, backend, prompts, reward))
     pending = plan.pending(rank, world_size)
@@ -284,6 +302,22 @@ def make_shards(
     for shard in pending:
         write_shard(plan, shard, _shard_samples(plan, shard, solver, cfg.data.solve_batch_size, on_progress))
     return {"rank": rank, "world_size": world_size, "made": pending, "skipped": done, "shards": plan.brace_pattern()}
+
+
+def check_prompts(backend, prompts: Sequence[PromptRecord], source: Optional[str] = None) -> None:
+    """Raise :class:`ConfigError` naming the first prompt the backend cannot encode, or the first
+    missing reference image; encodes nothing (``backend.check_prompts`` parses)."""
+    where = f"data.prompts={source!r}" if source else f"the {getattr(backend, 'name', '?')!r} backend's prompt list"
+    check = getattr(backend, "check_prompts", None)
+    for n, record in enumerate(prompts):
+        try:
+            if check is not None:
+                check([record.text])
+        except ValueError as err:
+            raise ConfigError(f"prompt {n} of {where} cannot be used: {err}") from None
+        if record.ref_image is not None and not Path(record.ref_image).is_file():
+            raise ConfigError(f"prompt {n} of {where}: reference image {record.ref_image!r} not found "
+                              f"(data.ref_image_column)")
 
 
 def _shard_samples(plan: ShardPlan, shard: int, solver: ReferenceSolver, batch_size: int, on_progress):

@@ -9,6 +9,7 @@ re-encoded during training) and ``score(preview, target_features)``.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, Mapping, Optional, Sequence, Type
 
@@ -114,12 +115,17 @@ def build_rewards(specs: Sequence[Mapping]) -> Reward:
     if not specs:
         raise ValueError("no reward configured; set `rewards` (valid: " + ", ".join(registered_rewards()) + ")")
     rewards, weights = {}, {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         spec = dict(spec)
         name, weight = spec.pop("name"), float(spec.pop("weight", 1.0))
         if name in rewards:
             raise ValueError(f"reward {name!r} is configured twice")
-        rewards[name] = build_reward(name, **{k: v for k, v in spec.items() if v is not None})
+        if not math.isfinite(weight):
+            raise ValueError(f"rewards[{i}].weight={weight} is not a finite number")
+        try:
+            rewards[name] = build_reward(name, **{k: v for k, v in spec.items() if v is not None})
+        except (ValueError, TypeError) as err:  # name the config entry (bad option or value)
+            raise (TypeError if isinstance(err, TypeError) else ValueError)(f"rewards[{i}] ({name}): {err}") from None
         weights[name] = weight
     if len(rewards) == 1 and next(iter(weights.values())) == 1.0:
         return next(iter(rewards.values()))

@@ -28,7 +28,8 @@ def _load_clip_vision(source: str, reward: str, **kwargs: Any) -> nn.Module:
         vision = config.vision_config
         vision.projection_dim = config.projection_dim
         config = vision
-    model, info = CLIPVisionModelWithProjection.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
+    model, info = CLIPVisionModelWithProjection.from_pretrained(source, config=config, output_loading_info=True,
+                                                                use_safetensors=True, **kwargs)
     check_loading_info(model, info, source, reward)
     return model
 

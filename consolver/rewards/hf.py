@@ -5,6 +5,10 @@
   (transformers or segmentation-models-pytorch); with no network and no local copy the error
   (:class:`ModelNotAvailableError`) names the model id and the config key ``rewards[i].model``.
   ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) is honoured at call time.
+- **Safe weights only**: networks load from ``*.safetensors`` (transformers with
+  ``use_safetensors=True``; SMP hub checkpoints by their ``model.safetensors``), never from
+  pickle files (``pytorch_model.bin``), which can run code when loaded; a checkpoint with only
+  pickle weights is refused (:class:`UnsafeWeightsError`).
 - **Preprocessing on the device** (:class:`ImageProcessing`): resize with
   ``torch.nn.functional.interpolate``, centre crop and normalise with the model's own
   image-processor constants (``preprocessor_config.json`` when there is one, else the known
@@ -52,41 +56,111 @@ class ModelNotAvailableError(OSError):
     """A reward network that cannot be loaded: not a local directory and not reachable on the Hub."""
 
 
+class UnsafeWeightsError(ModelNotAvailableError):
+    """A reward checkpoint whose weights exist only as pickle files (no safetensors)."""
+
+
+#: File suffixes of pickle-based weight files (loading one can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def is_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (read at call time)."""
     return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def not_available(reward: str, model_id: str, cause: str) -> ModelNotAvailableError:
-    """The error for a reward network that cannot be loaded, naming the id and the config key."""
+def not_available(reward: str, model_id: str, cause: str, local: bool = False) -> ModelNotAvailableError:
+    """The error for a reward network that cannot be loaded, naming the id and the config key.
+    ``local``: ``model_id`` is a local path (no download is suggested for it)."""
+    key = f"`rewards[i].model` (the `model` option of the {reward!r} entry of `rewards`)"
+    if local:
+        return ModelNotAvailableError(
+            f"reward {reward!r} cannot load model {model_id!r}: {cause}. Set the config key {key} to an existing "
+            f"directory holding the model (its config.json and *.safetensors weights), or to a hub id.")
     return ModelNotAvailableError(
         f"reward {reward!r} cannot load model {model_id!r}: {cause}. Download it where the Hugging Face "
         f"Hub is reachable (e.g. `hf download {model_id} --local-dir <dir>`) and set the config key "
-        f"`rewards[i].model` (the `model` option of the {reward!r} entry of `rewards`) to that local "
-        f"directory, or to a hub id that is in the local cache."
+        f"{key} to that local directory, or to a hub id that is in the local cache."
     )
 
 
+def unsafe_weights(reward: str, source: str, found: str) -> UnsafeWeightsError:
+    """The error for a checkpoint that has pickle weights (``found``) but no safetensors."""
+    return UnsafeWeightsError(
+        f"reward {reward!r} cannot load model {source!r}: it has {found} and no *.safetensors weights; reward "
+        f"networks load from safetensors only (use_safetensors=True: a pickle file can run code when loaded). "
+        f"Convert the checkpoint where you trust it (load it and save_pretrained() it, which writes "
+        f"model.safetensors) and set the config key `rewards[i].model` to that directory.")
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith(("/", "./", "../", "~", "\\")) or text.count("/") > 1 or "\\" in text
+            or re.match(r"[A-Za-z]:[\\/]", text) is not None)
+
+
 def resolve_source(model: Union[str, os.PathLike], reward: str) -> str:
-    """``model`` as an existing local directory, else as a hub id; raises when it is neither."""
+    """``model`` as an existing local directory, else as a hub id; raises when it is neither
+    (a missing local path is reported as such, with no download suggested)."""
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
         return str(path)
-    if _HUB_ID.fullmatch(text):
-        return text
-    raise not_available(reward, text, "no such local directory, and it is not a valid hub id")
+    if path.exists():
+        raise not_available(reward, text, "it is a file, not a model directory", local=True)
+    if _looks_like_path(text) or not _HUB_ID.fullmatch(text):
+        raise not_available(reward, text, "no such local directory", local=True)
+    return text
+
+
+def require_safetensors(source: str, reward: str) -> None:
+    """Refuse a local checkpoint directory whose weights are only pickle files."""
+    directory = Path(source)
+    if not directory.is_dir():
+        return
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise unsafe_weights(reward, source, "only pickle weights (" + ", ".join(pickles) + ")")
+
+
+def safetensors_snapshot(source: str, reward: str, local_files_only: bool = False) -> str:
+    """A local directory holding ``source``'s ``config.json`` and ``model.safetensors``: ``source``
+    itself when it is a directory, else the Hub snapshot with those two files fetched (for
+    loaders that would fall back to a pickle ``pytorch_model.bin``, as SMP's does)."""
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hub_errors
+
+    missing = getattr(hub_errors, "RemoteEntryNotFoundError", hub_errors.EntryNotFoundError)
+    try:
+        weights = hf_hub_download(source, "model.safetensors", local_files_only=local_files_only)
+    except hub_errors.LocalEntryNotFoundError:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "pytorch_model.bin"), str):
+            raise unsafe_weights(reward, source, "only pickle weights (pytorch_model.bin) in the Hub cache") from None
+        raise
+    except missing:
+        raise unsafe_weights(reward, source, "no model.safetensors on the Hub") from None
+    hf_hub_download(source, "config.json", local_files_only=local_files_only)
+    return str(Path(weights).parent)
 
 
 def load_pretrained(load: Callable[..., nn.Module], source: str, reward: str) -> nn.Module:
     """``load(source, local_files_only=...)`` with missing-files errors turned into
     :class:`ModelNotAvailableError` (a local directory or the HF cache is used when offline)."""
     offline = is_offline()
+    require_safetensors(source, reward)
     try:
         return load(source, local_files_only=offline)
     except ModelNotAvailableError:
         raise
     except OSError as err:
+        if not Path(source).is_dir() and "safetensors" in str(err) and not offline:
+            raise unsafe_weights(reward, source, f"no safetensors weights on the Hub ({str(err).splitlines()[0][:200]})") from err
         where = "the local directory" if Path(source).is_dir() else "the Hugging Face Hub cache"
         state = ("offline mode (HF_HUB_OFFLINE) is on" if offline else
                  "the Hub could not be reached or has no such model (with no network, HF_HUB_OFFLINE=1 fails fast)")
@@ -95,11 +169,11 @@ def load_pretrained(load: Callable[..., nn.Module], source: str, reward: str) ->
 
 
 def load_transformers(model_class: Any, source: str, reward: str, **kwargs: Any) -> nn.Module:
-    """``model_class.from_pretrained(source)`` through :func:`load_pretrained`, refusing
-    checkpoints that leave weights uninitialised."""
+    """``model_class.from_pretrained(source, use_safetensors=True)`` through :func:`load_pretrained`,
+    refusing checkpoints that leave weights uninitialised."""
 
     def load(src: str, **kw: Any) -> nn.Module:
-        model, info = model_class.from_pretrained(src, output_loading_info=True, **kwargs, **kw)
+        model, info = model_class.from_pretrained(src, output_loading_info=True, use_safetensors=True, **kwargs, **kw)
         check_loading_info(model, info, src, reward)
         return model
 
@@ -325,6 +399,7 @@ class EmbeddingReward(PretrainedReward):
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "EmbeddingReward", "ImageProcessing",
-    "ModelNotAvailableError", "PretrainedReward", "check_loading_info", "is_offline", "load_pretrained",
-    "load_transformers", "not_available", "parse_dtype", "read_json", "resolve_source",
+    "ModelNotAvailableError", "PretrainedReward", "UnsafeWeightsError", "check_loading_info", "is_offline",
+    "load_pretrained", "load_transformers", "not_available", "parse_dtype", "read_json", "require_safetensors",
+    "resolve_source", "safetensors_snapshot", "unsafe_weights",
 ]

@@ -88,6 +88,9 @@ class _PixelReward(Reward):
         super().__init__()
         if model is not None:
             raise ValueError(f"reward {self.name!r} has no model; remove `model` from its config entry")
+        if dtype is not None:  # nothing runs in a lower precision: refuse rather than ignore it
+            raise ValueError(f"reward {self.name!r} has no network, so `dtype` has no effect; remove `dtype` from "
+                             f"its config entry")
         self.freeze()
 
     def features(self, target: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 from consolver.rewards.base import register_reward
 from consolver.rewards.hf import (
     IMAGENET_MEAN, IMAGENET_STD, PretrainedReward, load_pretrained, load_transformers, not_available, read_json,
+    safetensors_snapshot,
 )
 
 
@@ -101,7 +102,10 @@ class SegformerReward(PretrainedReward):
         if "_model_class" in config:
             import segmentation_models_pytorch as smp
 
-            return load_pretrained(smp.from_pretrained, source, self.name)
+            def load(src: str, **kw: Any) -> nn.Module:  # from model.safetensors, never SMP's pickle fallback
+                return smp.from_pretrained(safetensors_snapshot(src, self.name, kw.get("local_files_only", False)), **kw)
+
+            return load_pretrained(load, source, self.name)
         if config.get("model_type") == "segformer":
             from transformers import SegformerForSemanticSegmentation
 

@@ -9,6 +9,8 @@ from consolver.solvers.tables import (
     ddim_table,
     fixed_table,
     ipndm_table,
+    parse_tables,
+    table_key,
     validate_table,
 )
 from consolver.solvers.grid import flow_grid, vp_grid
@@ -25,6 +27,8 @@ __all__ = [
     "flow_transfer",
     "free_coefficients",
     "ipndm_table",
+    "parse_tables",
+    "table_key",
     "validate_table",
     "vp_transfer",
     "flow_grid",

@@ -8,7 +8,7 @@ in rho) and sigma for flow matching, so tables are the classical variable-step m
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 from numpy.polynomial import polynomial as P
@@ -103,11 +103,50 @@ def _check_order(order: int, width: int | None = None) -> None:
 
 
 def validate_table(table: np.ndarray, num_steps: int, width: int) -> np.ndarray:
-    """Check a learned table ``[K, width]``: right shape, no weight on history that does not
-    exist yet (row i may use entries ``0..i``). Returns the table; raises ``ValueError``."""
+    """Check a learned table ``[K, width]``: right shape, finite, no weight on history that does
+    not exist yet (row i may use entries ``0..i``). Returns the table; raises ``ValueError``."""
     if table.shape != (num_steps, width):
         raise ValueError(f"coefficient table for K={num_steps} must have shape ({num_steps}, {width}), got {table.shape}")
+    bad = sorted({int(i) for i in np.argwhere(~np.isfinite(table))[:, 0]})
+    if bad:
+        raise ValueError(f"coefficient table for K={num_steps} has non-finite entries (NaN or inf) in rows {bad}")
     for i in range(min(num_steps, width)):
         if np.any(table[i, i + 1:] != 0):
             raise ValueError(f"table K={num_steps} row {i} weights history that does not exist yet: {table[i].tolist()}")
     return table
+
+
+def table_key(key: Any) -> int:
+    """A table's K from its key: an int, or a string of digits as JSON stores it; ``K >= 1``."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        K = int(key)
+    elif isinstance(key, str) and key.strip().isdigit():
+        K = int(key)
+    else:
+        raise ValueError(f"coefficient table key {key!r} is not a number of steps K (a positive integer)")
+    if K < 1:
+        raise ValueError(f"coefficient table key {key!r} is not a number of steps K (a positive integer)")
+    return K
+
+
+def parse_tables(tables: Mapping[Any, Any], width: int) -> Dict[int, np.ndarray]:
+    """Learned tables ``{K: [[w_0..w_{width-1}] x K]}`` (lists or arrays; keys ints or digit
+    strings) as validated float64 arrays ``{K: [K, width]}``. ``ValueError`` naming the K for a
+    bad key, a ragged table, a non-numeric or non-finite entry, or a wrong shape."""
+    out: Dict[int, np.ndarray] = {}
+    for key, rows in tables.items():
+        K = table_key(key)
+        if K in out:
+            raise ValueError(f"two coefficient tables for K={K}")
+        try:
+            table = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            lengths = [len(r) if isinstance(r, (list, tuple, np.ndarray)) else None for r in rows] \
+                if isinstance(rows, (list, tuple)) else None
+            if lengths and len(set(lengths)) > 1:
+                problem = f"is ragged (row lengths {lengths}; every row has {width} entries)"
+            else:
+                problem = f"has an entry that is not a number ({str(err).splitlines()[0]})"
+            raise ValueError(f"coefficient table for K={K} {problem}") from None
+        out[K] = validate_table(table, K, width)
+    return out

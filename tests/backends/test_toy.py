@@ -200,3 +200,24 @@ def test_from_config():
     assert backend.prediction_type == "flow_prediction" and backend.num_components == 12
     meta = backend.meta()
     assert meta["backend"] == "toy" and meta["resolution"] == 32 and meta["toy"]["prompts"] == backend.prompts()
+
+
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_config_meta_is_the_built_backends_meta(schedule):
+    """What shards are checked against when no backend is built (ShardDataModule without one)."""
+    from consolver.backends import config_meta
+
+    cfg = load_config(None, ["backend.toy.renders_per_prompt=2", f"backend.toy.schedule={schedule}",
+                             "backend.toy.num_train_prompts=3", "backend.toy.num_heldout_prompts=2",
+                             "backend.resolution=16", "backend.toy.component_std=0.07", "backend.toy.seed=5"])
+    meta = build_backend(cfg.backend).meta()
+    assert config_meta(cfg.backend) == meta
+    assert meta["prediction_type"] == ("epsilon" if schedule == "vp" else "flow_prediction")
+
+
+def test_check_prompts_parses_without_rendering(vp):
+    before = vp.num_components
+    vp.check_prompts(["a red circle on the left", "a blue square at the top"])
+    assert vp.num_components == before
+    with pytest.raises(ValueError, match="unknown color 'mauve'.*Vocabulary"):
+        vp.check_prompts(["a red circle on the left", "a mauve circle on the left"])

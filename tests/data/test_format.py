@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from consolver.data.format import (CorruptSampleError, ShardMetaError, check_meta, decode_sample, encode_sample,
-                                   FORMAT_VERSION)
+                                   FORMAT_VERSION, meta_json)
 from consolver.data.writer import make_noise, sample_seed
 
 META = {"backend": "fake", "schedule": "vp", "resolution": 8, "latent_shape": [2, 4, 4], "format_version": FORMAT_VERSION,
@@ -65,6 +66,46 @@ def test_checksum_mismatch_and_missing_member_are_corrupt():
         decode_sample({k: v for k, v in raw.items() if k != "noise.npy"}, {})
     with pytest.raises(CorruptSampleError, match="meta.json"):
         decode_sample(dict(raw, **{"meta.json": b"{not json"}), {})
+
+
+def test_meta_json_is_checksummed_and_its_index_must_be_its_key():
+    raw = _sample(np.random.default_rng(0))
+    assert b'"meta_crc32":' in raw["meta.json"]
+    for old, new in ((b'"schedule":"vp"', b'"schedule":"wp"'), (b'"index":7', b'"index":6'), (b'"noise_seed":123', b'"noise_seed":124')):
+        changed = dict(raw, **{"meta.json": raw["meta.json"].replace(old, new)})
+        with pytest.raises(CorruptSampleError, match="checksum mismatch in 'meta.json'"):
+            decode_sample(changed, {"schedule": "vp"})
+    # shards without the meta checksum (made before it existed) still get the key/index check
+    meta = json.loads(raw["meta.json"])
+    del meta["meta_crc32"]
+    old_format = dict(raw, **{"meta.json": meta_json(meta)})
+    assert decode_sample(old_format, {})["index"] == 7
+    with pytest.raises(CorruptSampleError, match="index 6, which is not its key"):
+        decode_sample(dict(old_format, **{"meta.json": meta_json(dict(meta, index=6))}), {})
+
+
+def _png_declaring(width: int, height: int, png: bytes) -> bytes:
+    """``png`` with its IHDR size replaced (and the chunk CRC fixed, so only the size is wrong)."""
+    data = bytearray(png)
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_png_declaring_a_huge_size_is_a_corrupt_sample():
+    raw = _sample(np.random.default_rng(0))
+    bomb = dict(raw, **{"target.png": _png_declaring(70000, 70000, raw["target.png"])})
+    with pytest.raises(CorruptSampleError, match="DecompressionBombError"):
+        decode_sample(bomb, {}, load_target_image=True, verify_checksums=False)
+
+
+def test_identifying_keys_are_compared_whenever_both_sides_have_them():
+    expected = {"backend": "fake", "schedule": "vp", "prediction_type": "epsilon", "latent_shape": [2, 4, 4]}
+    check_meta(META, expected)  # META (an older shard) records no prediction_type: nothing to compare
+    with pytest.raises(ShardMetaError, match=r"prediction_type='epsilon'.*prediction_type='v_prediction'"):
+        check_meta(dict(META, prediction_type="epsilon"), dict(expected, prediction_type="v_prediction"))
+    with pytest.raises(ShardMetaError, match=r"backend=None.*backend='fake'"):  # but every shard names its backend
+        check_meta({k: v for k, v in META.items() if k != "backend"}, expected)
 
 
 def test_meta_mismatch_names_both_values():

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
+import random
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from consolver.config import ConfigError
+from consolver.config import ConfigError, load_config
 from consolver.data import ShardDataModule, ShardLoader, ShardMetaError, ShardStream, StreamSpec, expand_shards
 from consolver.data.writer import make_shards
 from consolver.schedules import FlowMatchingSchedule
 
 from .conftest import FakeBackend, FakeReward, make_cfg
 
+ROOT = Path(__file__).resolve().parents[2]
 ALL_KEYS = {f"{i:010d}" for i in range(32)}
 EXPECTED = FakeBackend().meta()
 
@@ -113,6 +116,73 @@ def test_corrupt_shards_lose_only_the_bad_samples(shard_copy, caplog):
     assert loader.stats == {"skipped_samples": 3, "shard_errors": 1}
     assert "checksum mismatch in 'target.npy'" in caplog.text and "no 'noise.npy'" in caplog.text
     assert "shard-000006.tar" in caplog.text and "skipped 3 corrupt samples, 1 shard errors" in caplog.text
+
+
+def test_shards_that_are_not_tars_are_counted_and_logged(shard_copy, caplog):
+    """ignore_zeros skips every invalid header, so a file with no tar member at all used to read
+    as an empty shard: no error, no log, its samples silently lost."""
+    junk = {
+        "shard-000002.tar": b"just some text, not a tar\n" * 100,
+        "shard-000003.tar": random.Random(0).randbytes(4096),
+        "shard-000004.tar": b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>\n" * 20,
+        "shard-000005.tar": gzip.compress(random.Random(1).randbytes(4096), mtime=0),
+    }
+    for name, data in junk.items():
+        (shard_copy / name).write_bytes(data)
+    loader = ShardLoader(ShardStream(_spec(expand_shards(str(shard_copy)), shuffle_buffer=0)))
+    with caplog.at_level(logging.WARNING, logger="consolver.data"):
+        keys = _keys(loader)
+    assert sorted(keys) == sorted(ALL_KEYS - {f"{i:010d}" for i in range(8, 24)})
+    assert loader.stats == {"skipped_samples": 0, "shard_errors": 4}
+    for name in junk:
+        assert f"{name}: ReadError: no valid tar member" in caplog.text
+
+
+def _edit_meta(path: Path, index: int, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (same length) inside sample ``index``'s meta.json, in place."""
+    assert len(old) == len(new)
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name == f"{index:010d}.meta.json")
+    data = bytearray(path.read_bytes())
+    body = bytes(data[member.offset_data: member.offset_data + member.size])
+    assert body.count(old) == 1
+    data[member.offset_data: member.offset_data + member.size] = body.replace(old, new)
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_meta_json_is_a_skipped_sample_not_a_fatal_meta_error(shard_copy, caplog):
+    _edit_meta(shard_copy / "shard-000000.tar", 0, b'"schedule":"vp"', b'"schedule":"wp"')  # the sample setup() peeks at
+    _edit_meta(shard_copy / "shard-000002.tar", 9, b'"index":9,', b'"index":8,')  # index no longer its key
+    dm = ShardDataModule(make_cfg(shard_copy), backend=FakeBackend())
+    dm.setup()
+    with caplog.at_level(logging.WARNING, logger="consolver.data"):
+        keys = _keys(dm.train_dataloader())
+    assert sorted(keys) == sorted(ALL_KEYS - {"0000000000", "0000000009"})
+    assert dm.stats == {"skipped_samples": 2, "shard_errors": 0}
+    assert caplog.text.count("checksum mismatch in 'meta.json'") >= 2
+
+
+def test_shards_of_another_schedule_are_refused_without_a_backend(tmp_path):
+    """With no backend passed, the config alone says what the shards must be (toy: all of it)."""
+    shipped = ROOT / "data" / "toy_shards"  # VP shards of the toy world
+    base = [f"data.shard_dir={shipped}", "data.num_workers=0"]
+    ShardDataModule(load_config(ROOT / "conf" / "toy_shards_tiny.yaml", base)).setup()
+    flow = load_config(ROOT / "conf" / "toy_shards_tiny.yaml", base + ["backend.toy.schedule=flow"])
+    with pytest.raises(ShardMetaError, match=r"schedule='vp'.*schedule='flow'"):
+        ShardDataModule(flow).setup()
+    other_world = load_config(ROOT / "conf" / "toy_shards_tiny.yaml", base + ["backend.toy.component_std=0.1"])
+    with pytest.raises(ShardMetaError, match=r"'toy'.*\(backend.toy\)"):
+        ShardDataModule(other_world).setup()
+
+
+def test_missing_shard_paths_name_the_config_key(tmp_path):
+    missing = tmp_path / "no-shards-here"
+    with pytest.raises(ConfigError, match=rf"data.shard_dir=.*shard path '{missing}' does not exist"):
+        ShardDataModule(make_cfg(missing), backend=FakeBackend()).setup()
+    pattern = f"{missing}/shard-{{000000..000003}}.tar"
+    cfg = make_cfg(tmp_path, f"data.train_shards='{pattern}'")
+    with pytest.raises(ConfigError, match=r"data.train_shards=.*shard-000000.tar' \(and 3 more\) does not exist"):
+        ShardDataModule(cfg, backend=FakeBackend()).setup()
 
 
 def test_meta_mismatch_stops_with_both_values(fake_shards, tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from consolver.config import ConfigError
+from consolver.config import ConfigError, load_config
 from consolver.data import PromptRecord, ShardDataModule, load_prompts, make_noise, make_shards, sample_seed
-from consolver.data.writer import ReferenceSolver
+from consolver.data.writer import ReferenceSolver, sample_meta
 
 from .conftest import PROMPTS, FakeBackend, FakeReward, make_cfg
 
@@ -102,6 +102,60 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(fake_shards, tmp_pa
 def test_resuming_with_another_config_is_refused(shard_copy):
     with pytest.raises(ConfigError, match=r"another config \(noise_base_seed: 0 -> 1"):
         make_shards(make_cfg(shard_copy, "data.seed=1"), backend=FakeBackend(), reward=FakeReward())
+
+
+def test_corrupt_manifest_names_the_file(shard_copy):
+    (shard_copy / "dataset.json").write_text('{"format_version": 1, "fingerp')
+    with pytest.raises(ConfigError, match=rf"shard manifest '{shard_copy / 'dataset.json'}' is corrupt.*data.shard_dir"):
+        make_shards(make_cfg(shard_copy), backend=FakeBackend(), reward=FakeReward())
+    (shard_copy / "dataset.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"dataset.json' is corrupt \(not a JSON object\)"):
+        make_shards(make_cfg(shard_copy), backend=FakeBackend(), reward=FakeReward())
+
+
+TOY_FAST = ["backend.toy.renders_per_prompt=2", "backend.toy.num_train_prompts=2", "backend.toy.num_heldout_prompts=1",
+            "reference.num_steps=4", "data.num_samples=4", "data.samples_per_shard=4", "data.solve_batch_size=4",
+            "rewards=[{name: pixel_psnr}]", "data.num_workers=0"]
+
+
+def test_prompts_are_checked_before_the_manifest_is_written(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na mauve circle on the left\n", encoding="utf-8")
+    cfg = load_config(None, TOY_FAST + [f"data.shard_dir={tmp_path / 'shards'}", f"data.prompts={prompts}"])
+    with pytest.raises(ConfigError, match=r"prompt 1 of data.prompts=.*prompts.txt' cannot be used: unknown color 'mauve'"):
+        make_shards(cfg)
+    assert not (tmp_path / "shards" / "dataset.json").exists()
+    prompts.write_text("a red circle on the left\na blue circle on the left\n", encoding="utf-8")  # fixed: not "another config"
+    assert make_shards(cfg)["made"] == [0]
+
+
+def test_prompt_file_that_is_not_utf8_names_file_and_key(tmp_path):
+    for suffix in (".txt", ".jsonl"):
+        path = tmp_path / f"latin1{suffix}"
+        path.write_bytes("a caf\xe9 on the left\n".encode("latin-1"))
+        with pytest.raises(ConfigError, match=rf"data.prompts='{path}': not UTF-8 text \(line 1, byte 5"):
+            load_prompts(make_cfg(tmp_path, f"data.prompts={path}").data)
+
+
+class NaNBackend(FakeBackend):
+    def predict(self, x, t, cond, guidance):
+        out = super().predict(x, t, cond, guidance)
+        out[1] = float("nan")  # the second sample of every batch diverges
+        return out
+
+
+def test_non_finite_targets_are_never_written(tmp_path):
+    cfg = make_cfg(tmp_path / "shards", "data.num_samples=4")
+    with pytest.raises(ValueError, match=r"non-finite latents for samples \[1\]"):
+        make_shards(cfg, backend=NaNBackend(), reward=FakeReward())
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
+def test_shard_meta_records_the_precision_the_backend_used(tmp_path):
+    backend = FakeBackend()
+    assert sample_meta(make_cfg(tmp_path), backend)["dtype"] == "float32"
+    backend.dtype = "bfloat16"  # e.g. a backend that computes in bf16 whatever the config asked for
+    assert sample_meta(make_cfg(tmp_path), backend)["dtype"] == "bfloat16"
 
 
 def test_prompt_sources(tmp_path):

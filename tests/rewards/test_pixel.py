@@ -68,5 +68,10 @@ def test_composite_and_bad_options():
     assert torch.allclose(reward.score(target, features), torch.full((4,), MAX_PSNR_DB + 50.0), atol=1e-3)
     with pytest.raises(ValueError, match="has no model"):
         build_reward("pixel_psnr", model="some/model")
+    # a dtype on a reward with no network used to be silently ignored
+    with pytest.raises(ValueError, match=r"rewards\[1\] \(pixel_ssim\): reward 'pixel_ssim' has no network, so `dtype` has no effect"):
+        build_rewards([{"name": "pixel_psnr"}, {"name": "pixel_ssim", "dtype": "bfloat16"}])
+    with pytest.raises(ValueError, match=r"rewards\[1\].weight=nan is not a finite number"):
+        build_rewards([{"name": "pixel_psnr"}, {"name": "pixel_ssim", "weight": float("nan")}])
     with pytest.raises(ValueError, match="one shape"):
         ssim(target, target[:, :, :8])

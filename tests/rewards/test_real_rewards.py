@@ -156,10 +156,47 @@ def test_missing_model_offline_names_id_and_config_key(name, monkeypatch):
 
 
 def test_missing_local_directory_names_path_and_config_key(tmp_path):
-    missing = str(tmp_path / "nowhere" / "..." / "depth")
-    with pytest.raises(ModelNotAvailableError, match=r"rewards\[i\]\.model") as err:
-        build_reward("depth", model=missing)
-    assert missing in str(err.value)
+    for missing in (str(tmp_path / "nowhere" / "..." / "depth"), "./models/depth", "models/depth/v2", "~/no-such-model"):
+        with pytest.raises(ModelNotAvailableError, match=r"no such local directory.*rewards\[i\]\.model") as err:
+            build_reward("depth", model=missing)
+        assert missing in str(err.value)
+        assert "hf download" not in str(err.value)  # a download of a local path is no advice
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotAvailableError, match="it is a file, not a model directory"):
+        build_reward("depth", model=str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pickle_only_checkpoints_are_refused(kind, tmp_path, monkeypatch):
+    """A directory whose weights are only a pickle (pytorch_model.bin) is not loaded."""
+    from safetensors.torch import load_file
+
+    from consolver.rewards.hf import UnsafeWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_tiny(kind, tmp_path)
+    for weights in tmp_path.glob("*.safetensors"):
+        torch.save(load_file(str(weights)), tmp_path / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(UnsafeWeightsError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors only"):
+        build_reward(TINY_KINDS[kind], model=str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "segformer_smp"])
+def test_transformers_rewards_load_with_use_safetensors(kind, tmp_path, monkeypatch):
+    """The flag is what protects hub ids (whose files are not looked at before loading)."""
+    seen = []
+    original = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_safetensors"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    save_tiny(kind, tmp_path)
+    build_reward(TINY_KINDS[kind], model=str(tmp_path))
+    assert seen and all(flag is True for flag in seen)
 
 
 def test_processor_option_overrides_the_checkpoint(tmp_path, monkeypatch):
@@ -239,3 +276,25 @@ def test_composite_is_the_weighted_sum(rewards, images):
     features = composite.features(images)
     assert set(features) == {"depth", "dino"}
     torch.testing.assert_close(composite.score(previews, features), expected)
+
+
+def test_smp_hub_checkpoint_is_never_loaded_from_its_pickle(tmp_path, monkeypatch):
+    """SMP's hub loader falls back to pytorch_model.bin when a repo has no model.safetensors."""
+    import huggingface_hub
+    from safetensors.torch import load_file
+
+    from consolver.rewards.hf import UnsafeWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--consolver-tests--tiny-smp"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    save_tiny("segformer_smp", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    loaded = build_reward("segformer", model="consolver-tests/tiny-smp")  # from the cache, safetensors
+    assert loaded.is_smp
+    torch.save(load_file(str(snapshot / "model.safetensors")), snapshot / "pytorch_model.bin")
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(UnsafeWeightsError, match=r"only pickle weights \(pytorch_model.bin\) in the Hub cache"):
+        build_reward("segformer", model="consolver-tests/tiny-smp")

@@ -9,6 +9,8 @@ from consolver.solvers import (
     ddim_table,
     fixed_table,
     ipndm_table,
+    parse_tables,
+    validate_table,
     vp_transfer,
 )
 
@@ -53,6 +55,32 @@ def test_tables_shapes_and_warm_start():
         ipndm_table(4, 5)
     with pytest.raises(ValueError, match="width 2 is less than the solver order 3"):
         adams_bashforth_table(grid, 3, width=2)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_ipndm_tables_are_the_constant_step_ab_weights(order):
+    """Row i of iPNDM of ``order`` is AB of order min(i + 1, order), whatever the grid: the
+    literal constants, so a wrong weight (e.g. 5/12 of order 3) fails here."""
+    table = ipndm_table(6, order)
+    expected = [[1.0] + [0.0] * (order - 1)]
+    for p in range(2, order + 1):
+        expected.append(CLASSICAL[p] + [0.0] * (order - p))
+    expected += [CLASSICAL[order]] * (6 - order)
+    np.testing.assert_allclose(table, expected, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(fixed_table("ipndm", np.linspace(10, 0, 7) ** 2, order), table, rtol=0, atol=0)
+
+
+def test_tables_with_bad_entries_name_their_K():
+    with pytest.raises(ValueError, match=r"table for K=3 has non-finite entries \(NaN or inf\) in rows \[1, 2\]"):
+        validate_table(np.array([[1.0, 0.0], [np.nan, 1.0], [0.5, np.inf]]), 3, 2)
+    with pytest.raises(ValueError, match=r"table for K=2 is ragged \(row lengths \[2, 1\]"):
+        parse_tables({"2": [[1.0, 0.0], [1.0]]}, 2)
+    with pytest.raises(ValueError, match=r"table for K=2 has an entry that is not a number"):
+        parse_tables({"2": [[1.0, 0.0], ["1.5x", -0.5]]}, 2)
+    for key in ("four", "2.5", "0", True):
+        with pytest.raises(ValueError, match=rf"table key {key!r} is not a number of steps K"):
+            parse_tables({key: [[1.0, 0.0]]}, 2)
+    assert list(parse_tables({"2": [[1.0, 0.0], [1.5, -0.5]], 3: np.zeros((3, 2)) + [1, 0]}, 2)) == [2, 3]
 
 
 # --- convergence order on a Gaussian, whose PF-ODE solution is closed-form ----------------
