@@ -25,6 +25,7 @@ setup(
         "segmentation-models-pytorch>=0.3",
         "safetensors",
         "tqdm",
+        "matplotlib",
         "numpy",
         "pillow",
     ],

@@ -51,7 +51,7 @@ TOY = ROOT / "conf" / "toy_depth.yaml"  # rewards: [{name: toy_depth, weight: 1.
 
 def test_index_overrides_into_lists():
     cfg = load_config(TOY, ["rewards.0.name=toy_seg", "rewards[0].weight=2", "solver.num_steps.0=8"])
-    assert [(r.name, r.weight) for r in cfg.rewards] == [("toy_seg", 2.0)] and list(cfg.solver.num_steps) == [8]
+    assert [(r.name, r.weight) for r in cfg.rewards] == [("toy_seg", 2.0)] and list(cfg.solver.num_steps) == [8, 4, 5, 6, 7, 8]
     # an index that is not there: the message shows the list syntax, with the current list
     with pytest.raises(ConfigError, match=r"rewards has no entry '1' \(it has 1: rewards\[0\]\).*"
                                           r"list syntax, e.g. 'rewards=\[\{name: toy_depth, weight: 1.0\}\]'"):

@@ -1,0 +1,188 @@
+"""Evaluate trained solvers against the baselines at NFE 3..12 on held-out prompts x fresh noises.
+
+    python tools/evaluate.py outputs/toy_depth/scheduler --config conf/toy_depth.yaml
+    python tools/evaluate.py outputs/a/scheduler b=outputs/b/scheduler --steps 3-8 --num-noises 64 guidance=3
+
+Positional arguments are scheduler directories (``ConsistencySolverScheduler.from_pretrained``;
+the first plain path is named "ConsistencySolver", later plain paths after their run folder, or
+``NAME=DIR``) and ``key=value`` config overrides (a key with a dot, or a top-level config key such
+as ``guidance``). A K a solver has no table for is skipped with a note; with no directory the
+baselines alone are evaluated. Baselines: DDIM, DPM-Solver++ 2M, UniPC, DEIS (landing on x0 like
+the others), Adams-Bashforth 2 in rho and iPNDM of order min(solver.order, 4).
+
+Writes ``eval.md`` (tables, "steps saved"), ``eval.csv`` (one row per solver and K, means and
+standard errors) and ``eval.png`` (quality against NFE) into ``--out`` (default
+``<output_dir>/eval``). Targets: ``reference.num_steps`` of ``reference.solver``; noise seeds
+from ``data.seed + EVAL_SEED_OFFSET`` (never a training noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consolver.config import Config, ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
+OURS = "ConsistencySolver"
+log = logging.getLogger("evaluate")
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"3-12"``, ``"3,4,8"`` or ``"3-6,8,12"`` -> sorted unique K values."""
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"--steps {text!r}: use e.g. 3-12 or 3,4,8")
+        lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        if lo < 1 or hi < lo:
+            raise ValueError(f"--steps {text!r}: ranges must be increasing and >= 1")
+        steps.update(range(lo, hi + 1))
+    if not steps:
+        raise ValueError("--steps is empty")
+    return sorted(steps)
+
+
+def split_positionals(items: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """``(solvers {name: dir}, overrides)`` from the positional arguments."""
+    top_level = {f.name for f in dataclasses.fields(Config)}
+    solvers: dict[str, Path] = {}
+    overrides: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if eq and ("." in key or key in top_level):
+            overrides.append(item)
+            continue
+        name, path = (key, value) if eq else (None, item)
+        if name is None:
+            name = OURS if not solvers else _name_from_path(Path(path))
+        if not name or name in solvers:
+            raise ValueError(f"solver name {name!r} is empty or given twice; use NAME=DIR")
+        solvers[name] = Path(path)
+    return solvers, overrides
+
+
+def _name_from_path(path: Path) -> str:
+    path = path.resolve()
+    return path.parent.name if path.name == "scheduler" else path.name
+
+
+def check_solver_dir(name: str, path: Path) -> None:
+    """A one-line ``FileNotFoundError`` unless ``path`` is a saved scheduler directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"scheduler directory {str(path)!r} ({name}) not found; pass the folder that "
+                                f"training wrote, e.g. <output_dir>/scheduler")
+    if not (path / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} ({name}) has no scheduler_config.json: not a saved scheduler directory")
+
+
+def load_solver(name: str, path: Path):
+    """``ConsistencySolverScheduler.from_pretrained(path)``."""
+    from consolver.scheduler import ConsistencySolverScheduler
+
+    check_solver_dir(name, path)
+    return ConsistencySolverScheduler.from_pretrained(str(path))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="*", metavar="SCHEDULER_DIR|NAME=DIR|key=value",
+                        help="scheduler directories (none: the baselines alone) and config overrides")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: conf/toy_depth.yaml)")
+    parser.add_argument("--num-noises", type=int, default=128, help="fresh noises per held-out prompt (default 128)")
+    parser.add_argument("--steps", default="3-12", help="K values = NFE, e.g. 3-12 or 3,4,8 (default 3-12)")
+    parser.add_argument("--out", default=None, help="output folder (default: <output_dir>/eval)")
+    parser.add_argument("--baselines", default=None,
+                        help="comma-separated baseline names or prefixes (e.g. ddim,dpm,unipc), or 'none'; default all")
+    parser.add_argument("--metric", default=None, help="quality metric of the plot and 'steps saved' (default: first reward)")
+    parser.add_argument("--seed", type=int, default=None, help="noise base seed (default: data.seed + EVAL_SEED_OFFSET)")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per solve (default: all at once; reference solves: data.solve_batch_size)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    solver_dirs, overrides = split_positionals(args.items)
+    steps = parse_steps(args.steps)
+    if args.num_noises < 1:
+        raise ValueError(f"--num-noises must be >= 1, got {args.num_noises}")
+    for name, path in solver_dirs.items():  # before the config: a wrong path fails fast
+        check_solver_dir(name, path)
+    cfg = load_config(args.config, overrides)
+    solvers = {name: load_solver(name, path) for name, path in solver_dirs.items()}
+
+    import torch
+
+    from consolver.backends import build_backend
+    from consolver.evaluation import (baseline_schedulers, evaluate, make_eval_set, steps_saved_line,
+                                      write_report)
+    from consolver.rewards import build_rewards
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend = build_backend(cfg.backend)
+    reward = build_rewards(cfg.rewards).to(backend.device) if cfg.rewards else None
+    names = None if args.baselines is None else [n for n in args.baselines.split(",") if n.strip() and n != "none"]
+    baselines = baseline_schedulers(cfg, backend, names=names)
+    log.info("reference solves: %s x %d steps for %d noises per prompt", cfg.reference.solver, cfg.reference.num_steps,
+             args.num_noises)
+    eval_set = make_eval_set(cfg, backend, reward, args.num_noises, seed=args.seed, batch_size=args.batch_size)
+    ref_seconds = time.perf_counter() - start
+    notes: list[str] = []
+    bar = tqdm(total=(len(solvers) + len(baselines)) * len(steps), unit="solve", disable=args.no_progress,
+               dynamic_ncols=True)
+
+    def progress(name: str, K: int) -> None:
+        bar.set_postfix_str(f"{name} K={K}")
+        bar.update(1)
+
+    try:
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            rows = evaluate(cfg, solvers, steps, args.num_noises, backend=backend, reward=reward, eval_set=eval_set,
+                            baselines=baselines, batch_size=args.batch_size, notes=notes, on_progress=progress)
+    finally:
+        bar.close()
+    if not rows:
+        raise ValueError("nothing was evaluated: " + "; ".join(notes))
+    seconds = time.perf_counter() - start
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval"
+    header = "\n".join([
+        "# Evaluation: previews against full-step targets", "",
+        f"`{shlex.join(['python', 'tools/evaluate.py', *(argv if argv is not None else sys.argv[1:])])}`", "",
+        f"- {len(eval_set)} samples: {len(set(eval_set.prompts))} prompts x {args.num_noises} noises "
+        f"(base seed {eval_set.base_seed}); targets: {cfg.reference.num_steps}-step {cfg.reference.solver}, "
+        f"guidance {cfg.guidance}, {cfg.solver.timestep_spacing} spacing; NFE = K for every solver",
+        "- ours: " + ", ".join(f"{n} = `{p}`" for n, p in solver_dirs.items()),
+        f"- {seconds:.0f} s in all ({ref_seconds:.0f} s to load the models and solve the targets)",
+    ])
+    metric = args.metric or (cfg.rewards[0].name if cfg.rewards else "pixel_psnr")
+    paths = write_report(rows, out, metric=metric, ours=list(solvers), notes=notes, header=header)
+    for name in solvers:
+        print(steps_saved_line(rows, name, metric, list(solvers)))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} ({seconds:.1f} s)")
+    return {"rows": rows, "paths": paths, "notes": notes, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, ConfigError) as err:  # bad paths, config or K: one line, not a traceback
+        sys.exit(f"evaluate: error: {err}")
