@@ -408,6 +408,10 @@ def validate_training(cfg: Config) -> None:
     if algo.name == "distill" and policy.distribution != "gaussian":
         raise ConfigError("algo.name=distill backpropagates through the mode action, which needs a continuous "
                           "policy: set policy.distribution=gaussian")
+    if policy.sample_features and (policy.name != "mlp" or cfg.solver.base_solver != "ddim"):
+        raise ConfigError("policy.sample_features=true needs policy.name=mlp (the table ignores observations) and "
+                          f"solver.base_solver=ddim (got policy.name={policy.name!r}, "
+                          f"solver.base_solver={cfg.solver.base_solver!r})")
     if algo.name == "distill" and policy.sample_features:
         raise ConfigError("algo.name=distill does not support policy.sample_features=true")
     if algo.advantage == "gae" and algo.name != "ppo":

@@ -35,13 +35,12 @@ import logging
 from typing import Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from consolver.policy.actor import ACTION, ACTION_MASK, BASE_ACTION, NUM_STEPS, OBSERVATION, STEP_INDEX
-from consolver.policy.base import OBSERVATION_DIM, step_observation
+from consolver.policy.base import OBSERVATION_DIM, history_similarity, step_observation
 from consolver.rewards.base import CompositeReward
 from consolver.solvers.lmm import constrained_coefficients, free_coefficients
 
@@ -51,16 +50,6 @@ logger = logging.getLogger(__name__)
 def observation_dim(order: int, sample_features: bool) -> int:
     """Width F of the ``observation`` entry."""
     return OBSERVATION_DIM + (order - 1 if sample_features else 0)
-
-
-def history_similarity(history: Sequence[torch.Tensor], order: int) -> torch.Tensor:
-    """Cosine similarity ``[N, order - 1]`` of the newest model output with each older one
-    (newest first; 0 where the history does not reach)."""
-    newest = history[0].flatten(1).float()
-    out = newest.new_zeros(newest.shape[0], order - 1)
-    for j, older in enumerate(history[1:order]):
-        out[:, j] = F.cosine_similarity(newest, older.flatten(1).float(), dim=1)
-    return out
 
 
 def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None):

@@ -121,7 +121,10 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
         raise ValueError(f"cannot export K={untrained}: not trained; trained K: {module.trained_num_steps}")
     rt = module.build_runtime(module.device)
     scheduler = solver_scheduler(cfg, rt["backend"].schedule)
-    scheduler.set_coefficient_tables(module.coefficient_tables(num_steps))
+    if cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy
+        scheduler.attach_policy(module.sample_policy())
+    else:
+        scheduler.set_coefficient_tables(module.coefficient_tables(num_steps))
     directory = Path(directory)
     scheduler.save_pretrained(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in module.actor.state_dict().items()}

@@ -105,9 +105,11 @@ def test_non_finite_check_covers_sections_added_later():
 
     cfg = load_config(None)
     OmegaConf.set_struct(cfg, False)
-    cfg.trainer = {"optim": [{"lr": float("nan")}]}
-    with pytest.raises(ConfigError, match=r"trainer.optim\[0\].lr=nan is not a finite number"):
+    cfg.experimental = {"optim": [{"lr": float("nan")}]}
+    with pytest.raises(ConfigError, match=r"experimental.optim\[0\].lr=nan is not a finite number"):
         validate(cfg)
+    with pytest.raises(ConfigError, match=r"algo.clip_epsilon=nan is not a finite number"):
+        load_config(None, ["algo.clip_epsilon=nan"])
 
 
 def test_cuda_device_without_a_gpu_names_the_key(monkeypatch):

@@ -111,3 +111,25 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     initial = tiny_config(tmp_path)
     assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
     assert initial.algo.name == "grpo"
+
+
+@pytest.mark.parametrize("distribution", ["bins", "gaussian"])
+def test_sample_feature_policy_ships_inside_the_scheduler(tmp_path, distribution):
+    """An mlp actor that looks at the latents (history cosine similarities) is carried by the
+    exported scheduler as a policy; a diffusers-style loop reproduces the mode preview."""
+    cfg = tiny_config(tmp_path, "policy.name=mlp", "policy.sample_features=true", f"policy.distribution={distribution}",
+                      "trainer.max_steps=3", "algo.lr=0.05", "solver.num_steps=[5]", "policy.hidden=32")
+    result = fit(cfg, runtime=runtime())
+    module, rt = result.module, runtime()
+    for p in module.actor.parameters():  # move the mode away from DDIM, as training would
+        torch.nn.init.normal_(p, std=0.3)
+    export_scheduler(module, tmp_path / "exported")
+    loaded = ConsistencySolverScheduler.from_pretrained(tmp_path / "exported")
+    assert loaded.policy_module is not None and loaded.policy_module.depends_on_sample
+    batch = sample_batch(cfg, 4, seed=7)
+    _, env = module.rollout(module.reset_input(batch, 5), 5, deterministic=True)
+    preview = sample(rt["backend"], loaded, batch["noise"], rt["backend"].encode(batch["prompt"]), cfg.guidance, 5)
+    torch.testing.assert_close(preview, env.final_latents, rtol=0, atol=1e-4)
+    ddim = sample(rt["backend"], make_scheduler("ddim", rt["backend"].schedule), batch["noise"],
+                  rt["backend"].encode(batch["prompt"]), cfg.guidance, 5)
+    assert (preview - ddim).abs().max() > 1e-3

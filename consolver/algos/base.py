@@ -244,6 +244,19 @@ class PreviewAlgorithm(L.LightningModule):
         rows = [constrained_coefficients(free[i], min(i + 1, self.order), self.cfg.policy.implied) for i in range(K)]
         return torch.stack(rows).double().numpy()
 
+    def sample_policy(self):
+        """The ``mlp`` actor with sample features as a :class:`~consolver.policy.actor.SampleMLPPolicy`
+        that a scheduler carries (same weights, acts by its mode)."""
+        from consolver.policy.actor import SampleMLPPolicy
+
+        head = self.actor.module[0].module
+        rt = self.build_runtime(self.device)
+        _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied)
+        policy = SampleMLPPolicy(self.order, self.cfg.policy.distribution, head.offsets.tolist(), self.cfg.policy.init_std,
+                                 self.cfg.policy.hidden, self.cfg.policy.implied, base[-1].tolist())
+        policy.head.load_state_dict(head.state_dict())
+        return policy.eval()
+
     def coefficient_tables(self, num_steps: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
         return {int(K): self.coefficient_table(int(K)) for K in (num_steps or self.trained_num_steps)}
 

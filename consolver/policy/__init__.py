@@ -11,9 +11,10 @@ from consolver.policy.base import (
     CoefficientPolicy,
     TimeMLPPolicy,
     build_policy,
+    history_similarity,
     register_policy,
     step_observation,
 )
 
-__all__ = ["OBSERVATION_DIM", "CoefficientPolicy", "TimeMLPPolicy", "build_policy", "register_policy",
+__all__ = ["OBSERVATION_DIM", "CoefficientPolicy", "TimeMLPPolicy", "build_policy", "history_similarity", "register_policy",
            "step_observation"]

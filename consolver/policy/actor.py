@@ -23,6 +23,7 @@ from tensordict.nn import InteractionType, TensorDictModule
 from torch import nn
 from torchrl.modules import ProbabilisticActor, ValueOperator
 
+from consolver.policy.base import OBSERVATION_DIM, CoefficientPolicy, history_similarity, register_policy
 from consolver.policy.distributions import DISTRIBUTIONS
 
 OBSERVATION = "observation"
@@ -104,8 +105,8 @@ class MLPHead(nn.Module):
                                  nn.Linear(hidden, max(out, 1)))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+        self.register_buffer("offsets", offsets)
         if distribution == "bins":
-            self.register_buffer("offsets", offsets)
             self.register_buffer("prior_logits", initial_logits(offsets, init_std))
         else:
             self.log_std = nn.Parameter(torch.full((width,), math.log(init_std)))
@@ -145,3 +146,33 @@ def make_critic(observation_dim: int, hidden: int = 64) -> ValueOperator:
     net = nn.Sequential(nn.Linear(observation_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                         nn.Linear(hidden, 1))
     return ValueOperator(net, in_keys=[OBSERVATION])
+
+
+@register_policy("consolver_mlp")
+class SampleMLPPolicy(CoefficientPolicy):
+    """An ``mlp`` actor whose observation has sample features, as a policy a scheduler carries
+    (weights in ``policy.safetensors``; acts by its mode, per sample). Its base solver is constant
+    over steps (DDIM/Euler), given as ``base`` free coefficients ``[order - 1]``."""
+
+    depends_on_sample = True
+
+    def __init__(self, order: int, distribution: str, offsets: Sequence[Sequence[float]], init_std: float,
+                 hidden: int, implied: str, base: Sequence[float]):
+        super().__init__(order)
+        self.implied = implied
+        self._kwargs = {"order": order, "distribution": distribution, "offsets": [list(map(float, r)) for r in offsets],
+                        "init_std": float(init_std), "hidden": int(hidden), "implied": implied,
+                        "base": [float(b) for b in base]}
+        self.head = MLPHead(OBSERVATION_DIM + order - 1, order - 1, distribution,
+                            torch.tensor(offsets, dtype=torch.float32).reshape(order - 1, -1), init_std, hidden)
+        self.register_buffer("base", torch.tensor(list(base), dtype=torch.float32).reshape(order - 1))
+
+    def mode_free(self, observation, history=None):
+        sims = history_similarity(history, self.order)
+        obs = torch.cat([observation.to(sims).expand(sims.shape[0], -1), sims], -1)
+        base = self.base.expand(obs.shape[0], -1)
+        params = self.head(obs, base, torch.ones_like(base, dtype=torch.bool))
+        return DISTRIBUTIONS[self.head.distribution](*params).mode
+
+    def export_kwargs(self) -> dict:
+        return dict(self._kwargs)

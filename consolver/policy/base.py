@@ -51,6 +51,16 @@ def step_observation(t: torch.Tensor, t_next: torch.Tensor, step_index: int, num
     return torch.stack([t / num_train_timesteps, t_next / num_train_timesteps, step, torch.full_like(t, 1.0 / num_steps)], -1)
 
 
+def history_similarity(history: Sequence[torch.Tensor], order: int) -> torch.Tensor:
+    """Sample features ``[B, order - 1]``: cosine similarity of the newest model output with each
+    older one (history newest first; 0 where the history does not reach)."""
+    newest = history[0].flatten(1).float()
+    out = newest.new_zeros(newest.shape[0], order - 1)
+    for j, older in enumerate(history[1:order]):
+        out[:, j] = torch.nn.functional.cosine_similarity(newest, older.flatten(1).float(), dim=1)
+    return out
+
+
 class CoefficientPolicy(nn.Module, ABC):
     """Maps a step observation to coefficients ``[B, order]`` for ``d_i, d_{i-1}, ...``.
 
@@ -61,6 +71,7 @@ class CoefficientPolicy(nn.Module, ABC):
 
     policy_name: str = "policy"
     depends_on_sample: bool = False
+    implied: str = "oldest"  # which coefficient sum-to-one sets (consolver.solvers.lmm.constrained_coefficients)
 
     def __init__(self, order: int):
         super().__init__()
@@ -78,7 +89,7 @@ class CoefficientPolicy(nn.Module, ABC):
 
     def mode(self, observation: torch.Tensor, num_available: int, history: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """Deterministic coefficients ``[B, order]`` summing to 1 over ``num_available`` entries."""
-        return constrained_coefficients(self.mode_free(observation, history), min(num_available, self.order))
+        return constrained_coefficients(self.mode_free(observation, history), min(num_available, self.order), self.implied)
 
 
 @register_policy("time_mlp")
