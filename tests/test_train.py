@@ -133,3 +133,32 @@ def test_sample_feature_policy_ships_inside_the_scheduler(tmp_path, distribution
     ddim = sample(rt["backend"], make_scheduler("ddim", rt["backend"].schedule), batch["noise"],
                   rt["backend"].encode(batch["prompt"]), cfg.guidance, 5)
     assert (preview - ddim).abs().max() > 1e-3
+
+
+def test_batches_with_non_finite_rewards_are_skipped_counted_and_never_applied(tmp_path):
+    cfg = tiny_config(tmp_path, "trainer.max_steps=3", "solver.num_steps=[4]")
+    rt = runtime()
+    reward = rt["reward"]
+
+    class NaNReward(type(reward)):
+        def score(self, preview, target_features):
+            out = super().score(preview, target_features)
+            return torch.where(torch.arange(len(out)) == 1, torch.full_like(out, float("nan")), out)
+
+    broken = NaNReward.__new__(NaNReward)
+    broken.__dict__.update(reward.__dict__)
+    rt["reward"] = broken
+    result = fit(cfg, runtime=rt)
+    assert result.module.skipped_batches == 3
+    initial = tiny_config(tmp_path).policy.init_std
+    logits = result.module.actor.module[0].module.logits
+    torch.testing.assert_close(logits, logits[:1].expand_as(logits))  # every row still the initial logits
+    assert initial > 0
+    loaded = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
+    assert torch.isfinite(torch.tensor(loaded.config.coefficient_tables["4"])).all()
+
+
+def test_reward_without_cached_features_names_the_reward(tmp_path):
+    cfg = tiny_config(tmp_path, "rewards=[{name: pixel_ssim}]", "trainer.max_steps=1")
+    with pytest.raises(Exception, match=r"pixel_ssim"):
+        fit(cfg, runtime=runtime())

@@ -186,11 +186,19 @@ class PreviewAlgorithm(L.LightningModule):
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, rank_zero_only=True)
         return bad
 
+    def skip_updates(self, optimizer, count: int = 1) -> None:
+        """Advance the step counter by ``count`` optimizer steps that change nothing: with every
+        gradient ``None``, the optimizer skips every parameter (and its moments), while Lightning
+        still counts the step, so ``max_steps`` and checkpoint intervals stay in iterations."""
+        for _ in range(count):
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+
     def apply_gradients(self, loss: torch.Tensor, optimizer) -> Optional[float]:
         """Backward, clip, step; the update is dropped if the loss or the gradient is not finite.
         Returns the gradient norm, or None when dropped."""
         if self.skip_if_not_finite("loss", loss):
-            optimizer.zero_grad(set_to_none=True)
+            self.skip_updates(optimizer)
             return None
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -200,7 +208,7 @@ class PreviewAlgorithm(L.LightningModule):
         if not bool(torch.isfinite(norm)):  # gradients are synced: every rank sees the same norm
             self.skipped_batches += 1
             logger.warning("iteration %d: non-finite gradient, update skipped", self.iteration)
-            optimizer.zero_grad(set_to_none=True)
+            self.skip_updates(optimizer)
             return None
         optimizer.step()
         return float(norm)

@@ -81,12 +81,17 @@ class PolicyGradient(PreviewAlgorithm):
             roll, _ = self.rollout(data, num_steps, deterministic=False)
         reward = roll["next", "reward"][:, -1, 0]  # [N]
         if self.skip_if_not_finite("reward", reward):
+            self.skip_updates(self.optimizers(), self.updates_per_batch)
             return None
         steps = self._with_advantage(roll, reward.view(B, G))
         stats = self._update(steps)
-        group = reward.view(B, G)
-        stats.update(reward_mean=float(self.gather_mean(reward)), reward_group_std=float(group.std(1).mean()),
-                     **{f"reward_K{num_steps}": float(self.gather_mean(reward))})
+        if "entropy" not in stats:
+            with torch.no_grad():
+                stats["entropy"] = float(self.actor.get_dist(steps.clone(False)).entropy().mean())
+        mean = float(self.gather_mean(reward))
+        std = float(self.gather_mean(reward.std().reshape(1)))
+        stats.update(reward_mean=mean, reward_group_std=float(reward.view(B, G).std(1).mean()),
+                     **{f"reward_K{num_steps}": mean, f"reward_std_K{num_steps}": std})
         return stats
 
     def _with_advantage(self, roll: TensorDict, reward: torch.Tensor) -> TensorDict:
