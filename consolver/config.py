@@ -114,11 +114,11 @@ class PolicyConfig:
     """
 
     name: str = "table"  # table: parameters per (K, step) | mlp: the paper's MLP on the step features
-    distribution: str = "bins"  # bins: categorical over num_bins values | gaussian: learned mean and scale
+    distribution: str = "gaussian"  # gaussian: learned mean and scale | bins: categorical over num_bins values
     implied: str = "newest"  # newest | oldest: which coefficient sum-to-one implies
     num_bins: int = 11
     ranges: List[List[float]] = field(default_factory=lambda: [[-1.0, 1.0]])  # offsets from the base solver
-    init_std: float = 0.3  # initial exploration std, coefficient units (bins: a discretised Gaussian)
+    init_std: float = 0.2  # initial exploration std, coefficient units (bins: a discretised Gaussian)
     hidden: int = 256  # mlp width (policy and critic)
     sample_features: bool = False  # observation also holds cosine similarities between history entries
 
@@ -130,7 +130,7 @@ class AlgoConfig:
 
     name: str = "grpo"  # ppo | grpo | rloo | distill
     group_size: int = 8  # G rollouts per (prompt, noise)
-    lr: float = 0.02
+    lr: float = 0.01
     lr_schedule: str = "cosine"  # constant | cosine (to lr_min_ratio * lr at trainer.max_steps)
     lr_min_ratio: float = 0.1
     warmup_steps: int = 0  # iterations of linear warm-up

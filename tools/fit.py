@@ -29,7 +29,7 @@ log = logging.getLogger("fit")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(Path.cwd()) if DEFAULT_CONFIG.is_relative_to(Path.cwd()) else DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None, help="YAML config (default: conf/toy_depth.yaml, the toy world)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. algo.name=ppo")
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last.ckpt")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ensure_shards(cfg, progress: bool) -> None:
     """Make the config's shards if ``data.shard_dir`` holds none (and no explicit shards are set)."""
-    if cfg.data.train_shards or any(Path(cfg.data.shard_dir).glob("*.tar")) and not any(Path(cfg.data.shard_dir).glob("*.partial")):
+    shard_dir = Path(cfg.data.shard_dir)
+    if cfg.data.train_shards or (any(shard_dir.glob("*.tar")) and not any(shard_dir.glob("*.partial"))):
         return
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ConfigError(f"no shards in {cfg.data.shard_dir!r}: make them first, e.g. "
@@ -48,7 +49,7 @@ def ensure_shards(cfg, progress: bool) -> None:
 
     from consolver.data.writer import make_shards
 
-    log.info("no shards in %s: making %d samples first (tools/make_shards.py does the same)", cfg.data.shard_dir,
+    log.info("no complete shards in %s: making %d samples first (tools/make_shards.py does the same)", shard_dir,
              cfg.data.num_samples)
     bar = tqdm(unit="sample", desc="make shards", disable=not progress, dynamic_ncols=True)
     try:
