@@ -427,9 +427,6 @@ def validate_training(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if algo.lr <= 0:
         raise ConfigError(f"algo.lr must be > 0, got {algo.lr}")
-    if (cfg.data.batch_size * algo.group_size) % algo.minibatches:
-        raise ConfigError(f"algo.minibatches={algo.minibatches} must divide data.batch_size x algo.group_size = "
-                          f"{cfg.data.batch_size * algo.group_size} rollouts")
 
 
 def _check_finite(cfg: Any) -> None:

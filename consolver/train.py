@@ -45,9 +45,11 @@ def last_checkpoint(cfg: Config) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def build_trainer(cfg: Config, module, callbacks: Sequence[Any] = (), progress_bar: Optional[bool] = None):
+def build_trainer(cfg: Config, module, callbacks: Sequence[Any] = (), progress_bar: Optional[bool] = None,
+                  backend_device: Optional[torch.device] = None):
     """The Lightning ``Trainer`` of ``cfg.trainer`` (steps counted in optimizer steps, i.e.
-    ``module.updates_per_batch`` per iteration)."""
+    ``module.updates_per_batch`` per iteration). ``trainer.accelerator=auto`` follows the
+    backend's device, so the policy trains where the rollouts run (the toy backend: the CPU)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -58,8 +60,11 @@ def build_trainer(cfg: Config, module, callbacks: Sequence[Any] = (), progress_b
     checkpoints = ModelCheckpoint(dirpath=str(checkpoint_dir(cfg)), filename="{step}",
                                   every_n_train_steps=t.checkpoint_every * updates, save_last=True, save_top_k=-1)
     show = t.progress_bar if progress_bar is None else progress_bar
+    accelerator = t.accelerator
+    if accelerator == "auto" and backend_device is not None:
+        accelerator = "gpu" if torch.device(backend_device).type == "cuda" else "cpu"
     return L.Trainer(
-        max_steps=t.max_steps * updates, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
+        max_steps=t.max_steps * updates, max_epochs=-1, accelerator=accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
         logger=TensorBoardLogger(save_dir=cfg.output_dir, name="tb", version="", default_hp_metric=False),
         callbacks=[checkpoints, TrainingMonitor(cfg), *callbacks], enable_progress_bar=show,
@@ -91,9 +96,9 @@ def fit(cfg: Config, resume: bool = False, callbacks: Sequence[Any] = (), progre
                               f"run without --resume to start, or set output_dir to the run to resume")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_algorithm(cfg, runtime)
-    rt = module.build_runtime(torch.device("cpu") if cfg.backend.device in ("auto", "cpu") else torch.device(cfg.backend.device))
+    rt = module.build_runtime()
     datamodule = ShardDataModule(cfg, backend=rt["backend"])
-    trainer = build_trainer(cfg, module, callbacks, progress_bar)
+    trainer = build_trainer(cfg, module, callbacks, progress_bar, rt["backend"].device)
     if trainer.is_global_zero:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -119,7 +124,7 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
     untrained = sorted(set(int(k) for k in num_steps) - set(module.trained_num_steps))
     if untrained:
         raise ValueError(f"cannot export K={untrained}: not trained; trained K: {module.trained_num_steps}")
-    rt = module.build_runtime(module.device)
+    rt = module.build_runtime()
     scheduler = solver_scheduler(cfg, rt["backend"].schedule)
     if cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy
         scheduler.attach_policy(module.sample_policy())

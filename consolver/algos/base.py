@@ -32,6 +32,18 @@ from consolver.solvers.lmm import constrained_coefficients
 logger = logging.getLogger(__name__)
 
 
+def backend_device(cfg: Config) -> str:
+    """``backend.device``, with ``auto`` resolved: this process's GPU (``cuda:$LOCAL_RANK``) when
+    CUDA is available and ``trainer.accelerator`` allows it, else the CPU."""
+    import os
+
+    if cfg.backend.device != "auto":
+        return str(cfg.backend.device)
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def solver_scheduler(cfg: Config, schedule):
     """The :class:`~consolver.scheduler.ConsistencySolverScheduler` that training steps with and
     export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing."""
@@ -79,22 +91,22 @@ class PreviewAlgorithm(L.LightningModule):
 
     # ------------------------------------------------------------------ runtime
     def setup(self, stage: Optional[str] = None) -> None:
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        self.build_runtime(device)
+        self.build_runtime()
 
-    def build_runtime(self, device: torch.device) -> Dict[str, Any]:
-        """Backend, reward, reward names and the training scheduler, built once."""
+    def build_runtime(self) -> Dict[str, Any]:
+        """Backend (on :func:`backend_device`), reward (on the backend's device), reward names and
+        the training scheduler, built once."""
         rt = self.runtime
         if "scheduler" in rt:
             return rt
+        from omegaconf import OmegaConf
+
         from consolver.backends import build_backend
         from consolver.rewards import build_rewards
 
         cfg = self.cfg
         if "backend" not in rt:
-            backend_cfg = cfg.backend.copy() if hasattr(cfg.backend, "copy") else cfg.backend
-            if backend_cfg.device == "auto":
-                backend_cfg.device = str(device)
+            backend_cfg = OmegaConf.merge(cfg.backend, {"device": backend_device(cfg)})
             rt["backend"] = build_backend(backend_cfg)
         backend = rt["backend"]
         if "reward" not in rt:
@@ -242,7 +254,7 @@ class PreviewAlgorithm(L.LightningModule):
             raise ValueError(f"K={num_steps} was not trained; trained K: {self.trained_num_steps}")
         if self.cfg.policy.sample_features:
             raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
-        rt = self.build_runtime(self.device)
+        rt = self.build_runtime()
         obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied)
         K = num_steps
         td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
@@ -258,7 +270,7 @@ class PreviewAlgorithm(L.LightningModule):
         from consolver.policy.actor import SampleMLPPolicy
 
         head = self.actor.module[0].module
-        rt = self.build_runtime(self.device)
+        rt = self.build_runtime()
         _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied)
         policy = SampleMLPPolicy(self.order, self.cfg.policy.distribution, head.offsets.tolist(), self.cfg.policy.init_std,
                                  self.cfg.policy.hidden, self.cfg.policy.implied, base[-1].tolist())

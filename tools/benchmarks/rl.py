@@ -46,7 +46,7 @@ def run(quick: bool = False) -> list[dict]:
     cfg = load_config(ROOT / "conf" / "toy_depth.yaml", [f"data.shard_dir={ROOT / 'data' / 'toy_shards'}",
                                                           "data.shuffle_buffer=16"])
     module = build_algorithm(cfg)
-    rt = module.build_runtime(torch.device("cpu"))
+    rt = module.build_runtime()
     datamodule = ShardDataModule(cfg, backend=rt["backend"])
     datamodule.setup()
     opt = torch.optim.Adam(module.parameters(), lr=cfg.algo.lr)
