@@ -2,7 +2,7 @@
 
 Every ``trainer.log_every_n_steps`` iterations: the current coefficient table of every trained K,
 as text and as a heatmap image (``tables/K{K}``). Every ``trainer.image_every`` iterations: a
-``preview | target`` image grid of the batch's first samples at the smallest trained K
+``preview | target`` image grid of the batch's first samples at K=4 (else the smallest trained K)
 (``previews``). Every ``trainer.eval_every`` iterations (and before the first update): the
 exported solver on held-out prompts x fresh noises, every trained K (``eval/K{K}/<metric>``).
 Scalars of each update are logged by the algorithm itself (``train/...``).
@@ -95,7 +95,7 @@ class TrainingMonitor(Callback):
         if tb is None:
             return
         n = min(self.num_images, batch["noise"].shape[0])
-        K = module.trained_num_steps[0]
+        K = 4 if 4 in module.trained_num_steps else module.trained_num_steps[0]
         small = {"noise": batch["noise"][:n], "prompt": batch["prompt"][:n], "target_latent": batch["target_latent"][:n],
                  "features": {k: v[:n] for k, v in batch["features"].items()}}
         _, env = module.rollout(module.reset_input(small, K), K, deterministic=True)

@@ -34,6 +34,7 @@ def test_every_algorithm_trains_its_parameters(tmp_path, algo):
     head = module.actor.module[0].module
     assert head.mean.abs().max() > 0, "the policy did not move"
     metrics = result.trainer.logged_metrics
+    assert float(metrics["train/lr"]) < 0.5 * cfg.algo.lr  # the cosine schedule is really stepped
     if algo == "ppo-gae":
         fresh = copy.deepcopy(type(module)(cfg).critic)
         moved = any(not torch.equal(a, b) for a, b in zip(module.critic.parameters(), fresh.parameters()))
