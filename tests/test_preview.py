@@ -1,0 +1,202 @@
+"""The Diffusion Preview workflow (consolver.preview, tools/preview.py): seeds, bit-exact finals
+against shard targets, the contact sheet's tiles and labels, clear errors, the tool end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from consolver.config import load_config
+from consolver.data.format import _load_npy, parse_meta
+from consolver.data.writer import make_noise
+from consolver.preview import (SheetBlock, check_num_steps, draw_sheet, format_seeds, load_solver,
+                               make_previews, parse_seeds, preview_run, refine, refine_run, tile_pixels)
+from consolver.scheduler import ConsistencySolverScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "conf" / "toy_depth.yaml")
+SMALL = ["backend.toy.renders_per_prompt=4", "backend.toy.num_train_prompts=2", "backend.toy.num_heldout_prompts=1",
+         "reference.num_steps=6", "data.solve_batch_size=4", "rewards=[{name: pixel_psnr}]"]
+PROMPT = "a green circle on the left"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def solver_dir(tmp_path_factory) -> Path:
+    """A learned-looking solver with tables for K = 3 and 5 only (AB2-like rows)."""
+    scheduler = ConsistencySolverScheduler(solver_order=2)
+    scheduler.set_coefficient_tables({K: [[1.0, 0.0]] + [[1.4, -0.4]] * (K - 1) for K in (3, 5)})
+    path = tmp_path_factory.mktemp("solver") / "scheduler"
+    scheduler.save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------ seeds
+
+@pytest.mark.parametrize("text,seeds", [("0-15", list(range(16))), ("3,7", [3, 7]), ("0-3,9", [0, 1, 2, 3, 9]),
+                                        (" 5 , 2-3 ,5", [5, 2, 3])])
+def test_parse_seeds(text, seeds):
+    assert parse_seeds(text) == seeds
+    assert parse_seeds(format_seeds(seeds)) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "0-x", "7-3", "1,,2", "-1", "3.5", "0-15;"])
+def test_bad_seed_range_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="use e.g. 0-15, 3,7 or 0-3,9|must be increasing"):
+        parse_seeds(text)
+
+
+# ------------------------------------------------------------------ finals = shard targets, bit for bit
+
+def _shard_samples(path: Path):
+    members: dict = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, name = m.name.partition(".")
+            members.setdefault(key, {})[name] = tar.extractfile(m).read()
+    for key in sorted(members):
+        raw = members[key]
+        yield (raw["prompt.txt"].decode(), parse_meta(raw["meta.json"])["noise_seed"], _load_npy(raw["noise.npy"]),
+               _load_npy(raw["target.npy"]))
+
+
+def test_refine_reproduces_make_shards_targets_bit_for_bit():
+    cfg = load_config(ROOT / "conf" / "toy_shards_tiny.yaml")  # the config that made data/toy_shards
+    samples = list(_shard_samples(ROOT / "data" / "toy_shards" / "shard-000001.tar"))
+    prompts, seeds = [s[0] for s in samples], [s[1] for s in samples]
+    for _, seed, noise, _ in samples:  # a seed means exactly the shard's noise
+        assert torch.equal(make_noise([seed], noise.shape)[0], noise)
+    from consolver.backends import build_backend
+
+    backend = build_backend(cfg.backend)
+    finals = refine(cfg, prompts, seeds, backend=backend, exact=True)
+    assert finals.exact and finals.chunk == cfg.data.solve_batch_size
+    for b, (_, _, _, target) in enumerate(samples):
+        assert torch.equal(finals.latents[b], target), f"sample {b}: max |diff| {(finals.latents[b] - target).abs().max()}"
+    two = refine(cfg, [prompts[6], prompts[2]], [seeds[6], seeds[2]], backend=backend, exact=True)  # a user's pick of two seeds
+    assert torch.equal(two.latents[0], samples[6][3]) and torch.equal(two.latents[1], samples[2][3])
+
+
+# ------------------------------------------------------------------ contact sheet
+
+def test_sheet_has_one_labelled_tile_per_seed(tmp_path):
+    seeds = list(range(11))
+    g = torch.Generator().manual_seed(0)
+    rows = {"ConsistencySolver\nK=4": torch.rand(11, 3, 32, 32, generator=g), "DDIM\nK=4": torch.rand(11, 3, 32, 32, generator=g)}
+    sheet, layout = draw_sheet([SheetBlock('"a prompt"', [f"seed {s}" for s in seeds], rows)], "title", columns=4)
+    sheet.save(tmp_path / "sheet.png")
+    with Image.open(tmp_path / "sheet.png") as png:
+        assert png.size == layout.size == sheet.size
+        pixels = np.asarray(png.convert("RGB"))
+    assert layout.tile_size == 128  # 32 px upscaled x4 (nearest)
+    tiles = layout.row("ConsistencySolver\nK=4")
+    assert [t.label for t in tiles] == [f"seed {s}" for s in seeds]
+    assert len(layout.tiles) == 2 * len(seeds)
+    boxes = [t.box for t in layout.tiles]
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        assert 0 <= x0 < x1 <= layout.size[0] and 0 <= y0 < y1 <= layout.size[1] and x1 - x0 == y1 - y0 == 128
+        for bx0, by0, bx1, by1 in boxes[i + 1:]:
+            assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0, "tiles overlap"
+    expected = tile_pixels(rows["ConsistencySolver\nK=4"], 128)
+    for tile, image in zip(tiles, expected):  # each tile shows its own seed's image, and its label is drawn
+        x0, y0, x1, y1 = tile.box
+        assert np.array_equal(pixels[y0:y1, x0:x1], np.asarray(image))
+        lx0, ly0, lx1, ly1 = tile.label_box
+        assert ly1 <= y0 and (pixels[ly0:ly1, lx0:lx1] < 128).any()
+    assert tiles[4].box[1] > tiles[3].box[1]  # 4 columns: seed 4 starts the second band
+
+
+# ------------------------------------------------------------------ errors
+
+def test_missing_solver_and_missing_k(tmp_path, solver_dir):
+    with pytest.raises(FileNotFoundError, match="solver directory .*nope.* not found"):
+        load_solver(tmp_path / "nope")
+    solver = load_solver(solver_dir)
+    with pytest.raises(ValueError, match="no coefficient table for K=4; it has tables for K in 3, 5"):
+        check_num_steps(solver, 4)
+    with pytest.raises(ValueError, match="it has tables for K in 3, 5"):
+        make_previews(load_config(TOY, SMALL), solver, [PROMPT], [0], 4)
+
+
+def test_unwritable_output_and_bad_compare(tmp_path, solver_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="output path .* is not writable"):
+        preview_run(TOY, str(solver_dir), [PROMPT], [0], 3, str(blocker / "out"), overrides=SMALL)
+    with pytest.raises(ValueError, match="unknown --compare solver 'dpm'; valid: ddim, dpmsolver"):
+        preview_run(TOY, str(solver_dir), [PROMPT], [0], 3, str(tmp_path / "out"), overrides=SMALL, compare=["dpm"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0-x"], "preview: error: seed range '0-x' does not parse; use e.g. 0-15, 3,7 or 0-3,9 (non-negative integers)"),
+    (["--steps", "4"], "preview: error: solver '{solver}' has no coefficient table for K=4; it has tables for K in 3, 5"),
+])
+def test_tool_errors_are_one_line(monkeypatch, solver_dir, args, message):
+    argv = ["preview.py", "--solver", str(solver_dir), "--config", TOY, "--prompt", PROMPT, *SMALL, *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "tools" / "preview.py"), run_name="__main__")
+    assert str(exit_info.value.code) == message.format(solver=solver_dir)
+
+
+# ------------------------------------------------------------------ the tool end to end
+
+def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tools" / "preview.py"), "--solver", str(solver_dir), "--config", TOY,
+           "--prompt", PROMPT, "--seeds", "0-5", "--steps", "3", "--compare", "ddim,dpmsolver++", "--out", str(out),
+           "--columns", "4", "--no-progress", "--threads", "1", *SMALL]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "6 previews at K=3" in result.stdout and "ms per preview" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_steps"] == 3 and manifest["overrides"] == SMALL and manifest["prompts"] == [PROMPT]
+    assert [e["seed"] for e in manifest["entries"]] == list(range(6))
+    with Image.open(out / manifest["sheet"]) as sheet:
+        assert sheet.size[0] > 4 * 128
+        for e in manifest["entries"]:  # the recorded tile is the preview, upscaled
+            x0, y0, x1, y1 = e["tile"]
+            with Image.open(out / e["preview"]) as preview:
+                expected = np.asarray(preview.convert("RGB").resize((128, 128), Image.NEAREST))
+            assert np.array_equal(np.asarray(sheet.convert("RGB"))[y0:y1, x0:x1], expected)
+    latents = np.load(out / manifest["latents"])
+    assert latents.shape == (6, 3, 32, 32)
+
+    # refine needs only the manifest and the seeds (in-process: the tool's main, as the CLI calls it)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preview as tool
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    refined = tool.main(["refine", "--manifest", str(out / "manifest.json"), "--seeds", "4,1", "--no-progress", "-q"])
+    printed = capsys.readouterr().out
+    assert "per final" in printed and "refine all 6" in printed and "seed 4" in printed and "pixel_psnr" in printed
+    assert [e["seed"] for e in refined["entries"]] == [4, 1]
+    cfg = load_config(TOY, SMALL)
+    again = refine(cfg, [PROMPT, PROMPT], [4, 1])  # the same finals, from seeds alone
+    manifest = json.loads((out / "manifest.json").read_text())
+    finals = {e["seed"]: e for e in manifest["entries"] if "final" in e}
+    assert sorted(finals) == [1, 4] and (out / "refine_sheet.png").is_file()
+    for b, seed in enumerate([4, 1]):
+        assert np.array_equal(np.load(out / finals[seed]["final_latent"]), again.latents[b].numpy())
+        assert finals[seed]["final_steps"] == 6 and "pixel_psnr" in finals[seed]["reward"]
+    with pytest.raises(ValueError, match="seed\\(s\\) 9 are not in .*; it has seeds 0-5"):
+        refine_run(str(out / "manifest.json"), [9])

@@ -1,0 +1,182 @@
+"""Diffusion Preview: many cheap previews, a contact sheet, then full-step finals of the chosen seeds.
+
+    python tools/preview.py --solver outputs/toy_depth/scheduler --config conf/toy_depth.yaml \\
+        --prompt "a red triangle on the left" --seeds 0-15 --steps 4 --compare ddim,dpmsolver++
+    python tools/preview.py refine --manifest outputs/toy_depth/preview/manifest.json --seeds 3,7
+
+preview (the default subcommand): one K-step preview per seed (and prompt) with the trained
+solver, batched; writes contact_sheet.png, previews/*.png, preview_latents.npy and manifest.json
+into --out (default <output_dir>/preview). --compare adds rows of training-free solvers at the same
+K. Positional key=value arguments override the config. Editing backends: --image and --instruction.
+
+refine: the full-step reference solve (reference.solver, reference.num_steps, as make_shards makes
+its targets) from the same noise and condition for the chosen seeds; writes finals/*.png (+ .npy)
+and refine_sheet.png (preview | final), prints the timings and the configured reward between each
+preview and its final. Seed s always means the noise make_noise([s], latent_shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from consolver.config import ConfigError  # noqa: E402
+from consolver.preview import parse_seeds, preview_run, refine_run, report_lines  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
+log = logging.getLogger("preview")
+
+
+def preview_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preview.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. guidance=3")
+    p.add_argument("--solver", required=True, help="trained scheduler directory (e.g. outputs/toy_depth/scheduler)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: conf/toy_depth.yaml)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--image", default=None, help="editing backends: the reference image")
+    p.add_argument("--instruction", default=None, help="editing backends: the edit instruction (the prompt)")
+    p.add_argument("--seeds", default="0-15", help="noise seeds, e.g. 0-15, 3,7 or 0-3,9 (default 0-15)")
+    p.add_argument("--steps", type=int, default=4, help="K preview steps (= NFE); the solver needs a table for it")
+    p.add_argument("--compare", default="", help="training-free solvers at the same K, e.g. ddim,dpmsolver++")
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/preview)")
+    p.add_argument("--columns", type=int, default=8, help="tiles per row of the contact sheet (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="previews per batched solve (default: all)")
+    p.add_argument("--refine-all", action="store_true", help="also refine every seed (timings, reward of every preview)")
+    _common(p)
+    return p
+
+
+def refine_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preview.py refine", description="Refine chosen seeds of a preview run.")
+    p.add_argument("--manifest", required=True, help="manifest.json written by the preview step")
+    p.add_argument("--seeds", required=True, help="seeds to refine, e.g. 3,7")
+    p.add_argument("--steps", type=int, default=None, help="reference steps (default: the config's reference.num_steps)")
+    p.add_argument("--prompt-index", type=int, default=None, help="only this prompt of the manifest (default: all)")
+    p.add_argument("--exact", action="store_true",
+                   help="solve in the make_shards batch shape, so finals equal the shard targets bit for bit on the "
+                        "CPU (slower: a whole writer batch per solve); without it they agree to float rounding")
+    _common(p)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings in the log")
+
+
+class Bars:
+    """Progress-bar factory for the library (``progress(desc, total) -> advance``)."""
+
+    def __init__(self, disable: bool):
+        self.disable, self.bars = disable, []
+
+    def __call__(self, desc: str, total: int):
+        bar = tqdm(total=total, desc=desc, unit="step", disable=self.disable, dynamic_ncols=True, leave=False)
+        self.bars.append(bar)
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            if bar.n >= total:
+                bar.close()
+        return advance
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {path!r} cannot be read ({err})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path!r} holds no prompt")
+    return prompts
+
+
+def _setup(args) -> Bars:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return Bars(args.no_progress)
+
+
+def run_preview(argv) -> dict:
+    args = preview_parser().parse_intermixed_args(argv)
+    seeds = parse_seeds(args.seeds)
+    prompts = list(args.prompt) + (_read_prompts(args.prompts) if args.prompts else [])
+    if args.instruction:
+        prompts.append(args.instruction)
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    bars = _setup(args)
+    try:
+        with logging_redirect_tqdm():
+            manifest = preview_run(args.config, args.solver, prompts, seeds, args.steps, args.out,
+                                   overrides=args.overrides, compare=compare, ref_image=args.image, columns=args.columns,
+                                   batch_size=args.batch_size, refine_all=args.refine_all, progress=bars)
+    finally:
+        bars.close()
+    t = manifest["timings"]
+    out = Path(manifest["manifest_path"]).parent
+    print(f"{t['previews']} previews at K={manifest['num_steps']} in {t['preview_seconds']:.3f} s "
+          f"({1e3 * t['seconds_per_preview']:.1f} ms per preview, batched)")
+    for name, seconds in t["compare_seconds"].items():
+        print(f"  {name} at K={manifest['num_steps']}: {seconds:.3f} s")
+    if "refine_all" in t:
+        r = t["refine_all"]
+        print(f"{r['refined']} finals at {r['final_steps']} steps in {r['refine_seconds']:.3f} s "
+              f"({1e3 * r['seconds_per_final']:.1f} ms per final)")
+        rewards = [e["reward"] for e in manifest["entries"]]
+        for key in rewards[0]:
+            values = [r[key] for r in rewards]
+            print(f"  preview vs final {key}: mean {sum(values) / len(values):.2f}, min {min(values):.2f}, "
+                  f"max {max(values):.2f}")
+    print(f"wrote {out / manifest['sheet']} and {manifest['manifest_path']}")
+    print(f"refine with: python tools/preview.py refine --manifest {manifest['manifest_path']} --seeds 3,7")
+    return manifest
+
+
+def run_refine(argv) -> dict:
+    args = refine_parser().parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    bars = _setup(args)
+    try:
+        with logging_redirect_tqdm():
+            result = refine_run(args.manifest, seeds, num_steps=args.steps, prompt_index=args.prompt_index,
+                                exact=args.exact, progress=bars)
+    finally:
+        bars.close()
+    for line in report_lines(result):
+        print(line)
+    print(f"wrote {result['sheet']} and {len(result['entries'])} finals")
+    return result
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "refine":
+        return run_refine(argv[1:])
+    if argv and argv[0] == "preview":
+        argv = argv[1:]
+    return run_preview(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, ConfigError) as err:  # bad paths, seeds, K or config: one line, no traceback
+        sys.exit(f"preview: error: {err}")
