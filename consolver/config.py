@@ -142,7 +142,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     kl_coef: float = 0.0  # ppo: KL penalty to the initial policy
     advantage: str = "group"  # ppo: group (mean of the G rollouts) | gae (critic)
-    normalize_std: bool = False  # divide group advantages by the group std (standard GRPO)
+    normalize_std: bool = True  # divide group advantages by max(group std, min_group_std) (measured best)
     min_group_std: float = 0.5  # with normalize_std: std floor, reward units (near-ties get no inflated advantage)
     gamma: float = 1.0  # gae
     lmbda: float = 0.95  # gae
