@@ -120,8 +120,9 @@ class PreviewEnv(EnvBase):
         obs, base, mask = solve_plan(self.scheduler, K, self.implied, self.mu)
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
-    def _inputs(self) -> TensorDict:
-        N, i = self.batch_size[0], self._i
+    def _inputs(self, i: int) -> TensorDict:
+        """Step inputs of step ``i`` (after the last step: the last step's, never acted on)."""
+        N = self.batch_size[0]
         obs = self._step_obs[i].expand(N, -1)
         if self.sample_features:
             obs = torch.cat([obs, history_similarity([self._pending, *self.scheduler._history], self.order)], -1)
@@ -146,7 +147,7 @@ class PreviewEnv(EnvBase):
         self._x = data["noise"].to(self.device)
         self._pending = self._predict(self._x, 0)
         self.final_latents = None
-        out = self._inputs()
+        out = self._inputs(0)
         out.set("done", torch.zeros(*self.batch_size, 1, dtype=torch.bool, device=self.device))
         out.set("terminated", torch.zeros(*self.batch_size, 1, dtype=torch.bool, device=self.device))
         return out
@@ -163,23 +164,15 @@ class PreviewEnv(EnvBase):
         N = self.batch_size[0]
         if i < K:
             self._pending = self._predict(self._x, i)
-            out = self._inputs()
+            out = self._inputs(i)
             reward = torch.zeros(N, 1, device=self.device)
             done = torch.zeros(N, 1, dtype=torch.bool, device=self.device)
         else:
             self.final_latents = self._x
-            out = self._inputs_final()
+            out = self._inputs(K - 1)
             reward = self.score(self._x).reshape(N, 1)
             done = torch.ones(N, 1, dtype=torch.bool, device=self.device)
         out.update({"reward": reward, "done": done, "terminated": done.clone()})
-        return out
-
-    def _inputs_final(self) -> TensorDict:
-        """Observation after the last step: the last step's inputs with ``step_index = K`` clamped
-        (terminal states are never acted on)."""
-        self._i = self._K - 1
-        out = self._inputs()
-        self._i = self._K
         return out
 
     def score(self, latents: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -70,7 +71,7 @@ def test_export_refuses_an_untrained_k(trained, tmp_path):
 
 def test_checkpoints_every_n_iterations_and_last(trained):
     cfg, _ = trained
-    names = sorted(p.name for p in (cfg.output_dir and __import__("pathlib").Path(cfg.output_dir) / "checkpoints").glob("*.ckpt"))
+    names = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step=120.ckpt", "step=60.ckpt"]
 
 
@@ -108,9 +109,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    initial = tiny_config(tmp_path)
     assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
-    assert initial.algo.name == "grpo"
 
 
 @pytest.mark.parametrize("distribution", ["bins", "gaussian"])
