@@ -52,6 +52,9 @@ class SolverConfig:
     num_steps: List[int] = field(default_factory=lambda: [4])  # K values (NFE) to train/evaluate
     base_solver: str = "ddim"  # fixed table when no learned one: ddim | adams_bashforth | ipndm
     timestep_spacing: str = "trailing"
+    # learn each K's grid of step times with the coefficients (an action column per step; shipped
+    # in the scheduler's step_grids). Starts at timestep_spacing. Needs policy.name=table, gaussian.
+    learn_timesteps: bool = False
 
 
 @dataclass
@@ -412,6 +415,10 @@ def validate_training(cfg: Config) -> None:
         raise ConfigError("policy.sample_features=true needs policy.name=mlp (the table ignores observations) and "
                           f"solver.base_solver=ddim (got policy.name={policy.name!r}, "
                           f"solver.base_solver={cfg.solver.base_solver!r})")
+    if cfg.solver.learn_timesteps and (policy.name != "table" or policy.distribution != "gaussian"):
+        raise ConfigError(f"solver.learn_timesteps=true needs policy.name=table and policy.distribution=gaussian "
+                          f"(got {policy.name}, {policy.distribution}): the grid is learned per K as a Gaussian "
+                          f"action column; set solver.learn_timesteps=false to use the others")
     if algo.name == "distill" and policy.sample_features:
         raise ConfigError("algo.name=distill does not support policy.sample_features=true")
     if algo.advantage == "gae" and algo.name != "ppo":

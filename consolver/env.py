@@ -42,6 +42,8 @@ from torchrl.envs import EnvBase
 from consolver.policy.actor import ACTION, ACTION_MASK, BASE_ACTION, NUM_STEPS, OBSERVATION, STEP_INDEX
 from consolver.policy.base import OBSERVATION_DIM, history_similarity, step_observation
 from consolver.rewards.base import CompositeReward
+from consolver.solvers.batched import GridSolve
+from consolver.solvers.grid import grid_units, logits_from_grid
 from consolver.solvers.lmm import constrained_coefficients, free_coefficients
 
 logger = logging.getLogger(__name__)
@@ -52,10 +54,12 @@ def observation_dim(order: int, sample_features: bool) -> int:
     return OBSERVATION_DIM + (order - 1 if sample_features else 0)
 
 
-def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None):
+def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None, learn_timesteps: bool = False):
     """The step inputs of a K-step solve that do not depend on the sample: step observations
-    ``[K, 4]`` float32, the base solver's free coefficients ``[K, m-1]`` float32 and the masks of
-    the coefficients in use ``[K, m-1]`` bool (step i: the first ``min(i, m-1)``)."""
+    ``[K, 4]`` float32, the base actions ``[K, d]`` float32 and the masks of the action columns
+    in use ``[K, d]`` bool. Columns: the base solver's ``m - 1`` free coefficients (step i uses
+    the first ``min(i, m-1)``), and with ``learn_timesteps`` one more, the logit of the next grid
+    position on the configured grid (:mod:`consolver.solvers.grid`; unused at the last step)."""
     K, m = int(num_steps), int(scheduler.config.solver_order)
     grid_t, _ = scheduler.grid(K, mu)
     T = scheduler.config.num_train_timesteps
@@ -63,6 +67,11 @@ def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = No
     base = torch.from_numpy(scheduler.base_table(K, mu))
     free = torch.stack([free_coefficients(base[i], min(i + 1, m), implied) for i in range(K)]).float()
     mask = torch.arange(m - 1)[None, :] < torch.arange(K)[:, None].clamp(max=m - 1)
+    if learn_timesteps:
+        _, min_gap, _ = grid_units(scheduler.config.schedule, T)
+        logits = torch.cat([logits_from_grid(scheduler.step_positions(K), min_gap), torch.zeros(1, dtype=torch.float64)])
+        free = torch.cat([free, logits.float()[:, None]], 1)
+        mask = torch.cat([mask, (torch.arange(K) < K - 1)[:, None]], 1)
     return obs, free, mask
 
 
@@ -80,13 +89,17 @@ class PreviewEnv(EnvBase):
         implied: ``"newest"`` | ``"oldest"``, the coefficient sum-to-one implies.
         sample_features: add history cosine similarities to the observation.
         batch: a default reset input, used by ``reset()`` without data (e.g. ``check_env_specs``).
+        mu: FLUX's dynamic shift, for flow-matching schedules that use one.
+        learn_timesteps: the action's last column is the logit of the next grid position, and each
+            rollout solves on its own grid (:class:`~consolver.solvers.batched.GridSolve`);
+            ``grid_positions [N, K+1]`` holds the grids after a solve.
     """
 
     batch_locked = True
 
     def __init__(self, backend, reward, reward_names: Sequence[str], scheduler, guidance: float, num_rollouts: int,
                  implied: str = "newest", sample_features: bool = False, batch: Optional[TensorDictBase] = None,
-                 mu: Optional[float] = None):
+                 mu: Optional[float] = None, learn_timesteps: bool = False):
         super().__init__(device=backend.device, batch_size=[num_rollouts])
         # plain attributes, not submodules: the env must not add the frozen backend/reward to a state dict
         self.__dict__["backend"], self.__dict__["reward"] = backend, reward
@@ -95,13 +108,18 @@ class PreviewEnv(EnvBase):
         self.guidance = float(guidance)
         self.order = int(scheduler.config.solver_order)
         self.implied, self.sample_features, self.mu = implied, bool(sample_features), mu
+        self.learn_timesteps = bool(learn_timesteps)
+        if self.learn_timesteps and self.sample_features:
+            raise ValueError("learned step grids work with sample-independent policies only (policy.sample_features=false)")
+        self.grid_solve = GridSolve(scheduler, mu) if self.learn_timesteps else None
+        self.grid_positions: Optional[torch.Tensor] = None
         self.default_batch = batch
         self.final_latents: Optional[torch.Tensor] = None
         self._make_specs(num_rollouts)
 
     # ------------------------------------------------------------------ specs
     def _make_specs(self, N: int) -> None:
-        d, dev = self.order - 1, self.device
+        d, dev = self.order - 1 + int(self.learn_timesteps), self.device
         self.observation_spec = Composite(
             {OBSERVATION: Unbounded((N, observation_dim(self.order, self.sample_features)), device=dev),
              STEP_INDEX: Unbounded((N,), dtype=torch.int64, device=dev),
@@ -117,7 +135,7 @@ class PreviewEnv(EnvBase):
 
     # ------------------------------------------------------------------ plan of one solve
     def _plan(self, K: int) -> None:
-        obs, base, mask = solve_plan(self.scheduler, K, self.implied, self.mu)
+        obs, base, mask = solve_plan(self.scheduler, K, self.implied, self.mu, self.learn_timesteps)
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
     def _inputs(self, i: int) -> TensorDict:
@@ -143,8 +161,14 @@ class PreviewEnv(EnvBase):
         self._cond = data["cond"]
         self._features = data["target_features"]
         self._plan(self._K)
-        self.scheduler.set_timesteps(self._K, device=self.device, **({"mu": self.mu} if self.mu is not None else {}))
         self._x = data["noise"].to(self.device)
+        if self.learn_timesteps:
+            start = float(self.scheduler.step_positions(self._K)[0])
+            self._t = self.grid_solve.start(self._K, start, self.batch_size[0], self.device)
+            self.grid_positions = None
+        else:
+            self.scheduler.set_timesteps(self._K, device=self.device, **({"mu": self.mu} if self.mu is not None else {}))
+            self._t = self.scheduler.timesteps[0]
         self._pending = self._predict(self._x, 0)
         self.final_latents = None
         out = self._inputs(0)
@@ -153,13 +177,18 @@ class PreviewEnv(EnvBase):
         return out
 
     def _predict(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.backend.predict(x, self.scheduler.timesteps[i], self._cond, self.guidance)
+        return self.backend.predict(x, self._t, self._cond, self.guidance)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDict:
         i, K, m = self._i, self._K, self.order
-        w = constrained_coefficients(tensordict[ACTION].float(), min(i + 1, m), self.implied)
-        self._x = self.scheduler.step(self._pending, self.scheduler.timesteps[i], self._x, return_dict=False,
-                                      coefficients=w)[0]
+        action = tensordict[ACTION].float()
+        w = constrained_coefficients(action[:, : m - 1], min(i + 1, m), self.implied)
+        if self.learn_timesteps:
+            self._x, self._t = self.grid_solve.step(self._x, self._pending, w, action[:, m - 1])
+        else:
+            self._x = self.scheduler.step(self._pending, self.scheduler.timesteps[i], self._x, return_dict=False,
+                                          coefficients=w)[0]
+            self._t = self.scheduler.timesteps[min(i + 1, K - 1)]
         self._i = i = i + 1
         N = self.batch_size[0]
         if i < K:
@@ -169,6 +198,8 @@ class PreviewEnv(EnvBase):
             done = torch.zeros(N, 1, dtype=torch.bool, device=self.device)
         else:
             self.final_latents = self._x
+            if self.learn_timesteps:
+                self.grid_positions = torch.stack(self.grid_solve.positions, -1).detach()
             out = self._inputs(K - 1)
             reward = self.score(self._x).reshape(N, 1)
             done = torch.ones(N, 1, dtype=torch.bool, device=self.device)

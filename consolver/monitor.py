@@ -1,7 +1,8 @@
 """TensorBoard monitoring of a training run (a Lightning callback).
 
 Every ``trainer.log_every_n_steps`` iterations: the current coefficient table of every trained K,
-as text and as a heatmap image (``tables/K{K}``). Every ``trainer.image_every`` iterations: a
+as text and as a heatmap image (``tables/K{K}``), and with learned step grids each K's grid
+(``grids/K{K}``). Every ``trainer.image_every`` iterations: a
 ``preview | target`` image grid of the batch's first samples at K=4 (else the smallest trained K)
 (``previews``). Every ``trainer.eval_every`` iterations (and before the first update): the
 exported solver on held-out prompts x fresh noises, every trained K (``eval/K{K}/<metric>``).
@@ -88,6 +89,10 @@ class TrainingMonitor(Callback):
         for K, table in module.coefficient_tables().items():
             tb.add_text(f"tables/K{K}", table_markdown(table), module.iteration)
             tb.add_image(f"tables/K{K}", table_heatmap(table), module.iteration)
+        if module.learn_timesteps:
+            for K, grid in module.step_grids().items():
+                tb.add_text(f"grids/K{K}", ", ".join(f"{t:g}" for t in grid), module.iteration)
+                tb.add_scalar(f"grids/K{K}_last", float(grid[-1]), module.iteration)
 
     @torch.no_grad()
     def log_previews(self, trainer, module, batch: Dict[str, Any]) -> None:

@@ -28,8 +28,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from consolver.policy import CoefficientPolicy, build_policy, step_observation
-from consolver.schedules import SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
-from consolver.solvers.grid import flow_grid, vp_grid
+from consolver.schedules import FINAL_TIMESTEP, SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
+from consolver.solvers.grid import flow_grid, parse_step_grids, vp_grid
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
 from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, parse_tables
 
@@ -66,6 +66,11 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         coefficient_tables: learned ``{"K": [[w_0..w_{m-1}] x K]}``.
         policy: ``{"name": ..., "kwargs": {...}}`` of an attached policy (weights in
             ``policy.safetensors``); set by :meth:`attach_policy`.
+        step_grids: learned grids ``{"K": [K times]}``: VP integer timesteps, flow *unshifted*
+            sigmas. ``set_timesteps(num_inference_steps=K)`` uses K's grid. Explicit ``timesteps``
+            or ``sigmas`` override it (logged as a warning), except that the default sigmas every
+            FLUX pipeline passes (``linspace(1, 1/K, K)``) are replaced by the learned grid, which
+            is then shifted by the pipeline's ``mu`` like any sigmas.
     """
 
     _compatibles = ["DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -96,6 +101,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         base_solver: str = "ddim",
         coefficient_tables: Optional[Dict[str, List[List[float]]]] = None,
         policy: Optional[Dict[str, Any]] = None,
+        step_grids: Optional[Dict[str, List[float]]] = None,
     ):
         _check_choice("schedule", schedule, SCHEDULE_KINDS)
         _check_choice("base_solver", base_solver, FIXED_SOLVERS)
@@ -116,6 +122,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         if solver_order < 1:
             raise ValueError(f"solver_order must be >= 1, got {solver_order}")
         self._tables = parse_tables(coefficient_tables or {}, self.config.solver_order)
+        self._grids = parse_step_grids(step_grids or {}, schedule, num_train_timesteps)
         self.policy_module: Optional[CoefficientPolicy] = None
         if policy is not None:  # weights arrive from from_pretrained or attach_policy
             self.policy_module = build_policy(policy["name"], **policy.get("kwargs", {}))
@@ -159,6 +166,33 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         checked = parse_tables(tables, self.config.solver_order)
         self._tables = checked
         self.register_to_config(coefficient_tables={str(k): v.tolist() for k, v in sorted(checked.items())})
+
+    def set_step_grids(self, grids: Dict[int, Sequence[float]]) -> None:
+        """Install learned grids ``{K: [K times]}`` (VP integer timesteps, flow unshifted sigmas;
+        validated, saved in the config)."""
+        checked = parse_step_grids(grids, self.config.schedule, self.config.num_train_timesteps)
+        self._grids = checked
+        as_json = {str(k): [int(v) if self.config.schedule == "vp" else float(v) for v in g]
+                   for k, g in sorted(checked.items())}
+        self.register_to_config(step_grids=as_json or None)
+
+    @property
+    def step_grids(self) -> Dict[int, np.ndarray]:
+        """The learned grids ``{K: [K]}`` float64 (empty: every K uses ``timestep_spacing``)."""
+        return dict(self._grids)
+
+    def step_positions(self, num_inference_steps: int) -> np.ndarray:
+        """Grid *positions* ``[K+1]`` float64 of a K-step solve, the units grids are learned in (see
+        :mod:`consolver.solvers.grid`): VP timesteps ending at -1, flow unshifted sigmas ending at
+        0; K's learned grid if there is one, else the configured spacing."""
+        K = int(num_inference_steps)
+        if K in self._grids:
+            times = self._grids[K]
+        elif self.config.schedule == "vp":
+            times = self._grid(K)[0][:-1]
+        else:
+            times = self.flow_schedule.unshifted_sigmas(K)
+        return np.append(times, FINAL_TIMESTEP if self.config.schedule == "vp" else 0.0).astype(np.float64)
 
     def compile_policy(self, num_steps: Sequence[int]) -> Dict[int, np.ndarray]:
         """Coefficient tables ``{K: [K, m]}`` of the attached sample-independent policy."""
@@ -345,11 +379,32 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
     def _grid(self, num_inference_steps=None, timesteps=None, sigmas=None, mu=None) -> Tuple[np.ndarray, np.ndarray]:
         """``(grid_t [K+1], grid_ode [K+1])``, see :mod:`consolver.solvers.grid`."""
         cfg = self.config
+        timesteps, sigmas = self._learned_or_given(num_inference_steps, timesteps, sigmas)
         if cfg.schedule == "vp":
             if sigmas is not None:
                 raise ValueError("a VP schedule takes `num_inference_steps` or integer `timesteps`, not `sigmas`")
             return vp_grid(self.vp_schedule, num_inference_steps, timesteps, cfg.timestep_spacing, cfg.steps_offset)
         return flow_grid(self.flow_schedule, num_inference_steps, timesteps, sigmas, mu)
+
+    def _learned_or_given(self, num_inference_steps, timesteps, sigmas):
+        """``(timesteps, sigmas)`` to solve on: K's learned grid where nothing explicit is given (or
+        a FLUX pipeline's default sigmas), else what was given."""
+        if not self._grids:
+            return timesteps, sigmas
+        vp = self.config.schedule == "vp"
+        if timesteps is None and sigmas is None:
+            learned = self._grids.get(int(num_inference_steps))
+            if learned is None:
+                return None, None
+            return (learned, None) if vp else (None, learned)
+        name, given = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        n = len(given)
+        if sigmas is not None and not vp and n in self._grids and _is_default_flux_sigmas(sigmas):
+            logger.debug("set_timesteps: the learned grid for K=%d replaces the default FLUX sigmas", n)
+            return None, self._grids[n]
+        logger.warning("set_timesteps: solving on the %d %s given, not on a learned step grid (this scheduler has "
+                       "learned grids for K in %s)", n, name, sorted(self._grids))
+        return timesteps, sigmas
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:
         """Policy observations ``[K, 4]`` for every step of the grid."""
@@ -390,6 +445,13 @@ def _check_finite_numbers(**values: Any) -> None:
     for key, value in values.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise ValueError(f"scheduler config {key}={value} is not a finite number")
+
+
+def _is_default_flux_sigmas(sigmas) -> bool:
+    """Whether ``sigmas`` are the ``linspace(1, 1/K, K)`` FLUX pipelines pass when the user gives none."""
+    given = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    K = len(given)
+    return K > 0 and np.allclose(given, np.linspace(1.0, 1.0 / K, K), rtol=0, atol=1e-6)
 
 
 def _is_flow_config(config: Dict[str, Any]) -> bool:

@@ -178,6 +178,19 @@ class VPSchedule:
         abar = self.alphas_cumprod_at(t)
         return abar.sqrt(), (1.0 - abar).sqrt()
 
+    def alpha_sigma_continuous(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, s_t)`` float64 at real timesteps ``t`` in ``[-1, T-1]`` (-1: the final value),
+        differentiable in ``t``: log abar interpolated linearly between integer timesteps, so it
+        equals :meth:`alpha_sigma` at integers. Learned grids take their gradient from it."""
+        t = t.double()
+        knots = torch.cat([self.alphas_cumprod.new_tensor([self.final_alphas_cumprod]), self.alphas_cumprod]).log()
+        knots = knots.to(t.device)
+        u = t + 1.0
+        index = u.detach().floor().long().clamp(0, len(knots) - 2)
+        frac = u - index
+        abar = (knots[index] + frac * (knots[index + 1] - knots[index])).exp()
+        return abar.sqrt(), (1.0 - abar).clamp(min=0.0).sqrt()
+
     def rho(self, t) -> torch.Tensor:
         """``s_t / a_t`` (DDIM's ODE time), float64, 0 at a final step onto x0."""
         a, s = self.alpha_sigma(t)
@@ -190,8 +203,10 @@ class VPSchedule:
 
 
 def time_shift(sigmas: np.ndarray, shift: float = 1.0, mu: Optional[float] = None) -> np.ndarray:
-    """Flow-matching sigma shift: static ``shift`` or FLUX-style dynamic ``mu`` (exponential)."""
-    sigmas = np.asarray(sigmas, dtype=np.float64)
+    """Flow-matching sigma shift: static ``shift`` or FLUX-style dynamic ``mu`` (exponential).
+    numpy float64, or torch (differentiable) for a tensor."""
+    if not torch.is_tensor(sigmas):
+        sigmas = np.asarray(sigmas, dtype=np.float64)
     if mu is not None:
         return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
@@ -242,9 +257,7 @@ class FlowMatchingSchedule:
         if sigmas is None:
             if num_inference_steps is None:
                 raise ValueError("pass num_inference_steps or sigmas")
-            T = self.num_train_timesteps
-            t = np.linspace(self.sigma_max * T, self.sigma_min * T, int(num_inference_steps))
-            sigmas = t / T
+            sigmas = self.unshifted_sigmas(num_inference_steps)
         sigmas = np.asarray(sigmas, dtype=np.float64)
         if self.use_dynamic_shifting:
             if mu is None:
@@ -253,6 +266,12 @@ class FlowMatchingSchedule:
         else:
             sigmas = time_shift(sigmas, self.shift)
         return np.concatenate([sigmas, [0.0]])
+
+    def unshifted_sigmas(self, num_inference_steps: int) -> np.ndarray:
+        """The ``K`` sigmas of a ``num_inference_steps`` solve before the shift, float64 descending
+        (linear in t between the train sigmas, as FlowMatchEulerDiscreteScheduler)."""
+        T = self.num_train_timesteps
+        return np.linspace(self.sigma_max * T, self.sigma_min * T, int(num_inference_steps)) / T
 
     def diffusers_config(self) -> dict:
         """Keyword arguments that give a diffusers flow-matching scheduler this schedule."""

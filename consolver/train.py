@@ -130,6 +130,8 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
         scheduler.attach_policy(module.sample_policy())
     else:
         scheduler.set_coefficient_tables(module.coefficient_tables(num_steps))
+    if module.learn_timesteps:
+        scheduler.set_step_grids(module.step_grids(num_steps))
     directory = Path(directory)
     scheduler.save_pretrained(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in module.actor.state_dict().items()}

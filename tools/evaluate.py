@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
     import torch
 
     from consolver.backends import build_backend
-    from consolver.evaluation import (baseline_schedulers, evaluate, make_eval_set, steps_saved_line,
-                                      write_report)
+    from consolver.evaluation import (STEPS_SAVED_BASELINE, baseline_schedulers, evaluate, learned_solver_markdown,
+                                      make_eval_set, steps_saved_line, write_report)
     from consolver.rewards import build_rewards
 
     if args.threads:
@@ -172,9 +172,12 @@ def main(argv=None) -> dict:
         f"- {seconds:.0f} s in all ({ref_seconds:.0f} s to load the models and solve the targets)",
     ])
     metric = args.metric or (cfg.rewards[0].name if cfg.rewards else "pixel_psnr")
-    paths = write_report(rows, out, metric=metric, ours=list(solvers), notes=notes, header=header)
+    sections = [learned_solver_markdown(name, scheduler, steps) for name, scheduler in solvers.items()]
+    paths = write_report(rows, out, metric=metric, ours=list(solvers), notes=notes, header=header, sections=sections)
     for name in solvers:
         print(steps_saved_line(rows, name, metric, list(solvers)))
+        if any(r["solver"] == STEPS_SAVED_BASELINE for r in rows):
+            print(steps_saved_line(rows, name, metric, list(solvers), STEPS_SAVED_BASELINE))
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} ({seconds:.1f} s)")

@@ -27,6 +27,7 @@ from tensordict.nn import InteractionType, set_interaction_type
 from consolver.config import Config, to_container
 from consolver.env import PreviewEnv, expand_groups, observation_dim, reset_batch, solve_plan
 from consolver.policy.actor import ACTION, make_actor
+from consolver.solvers.grid import grid_from_logits, grid_units
 from consolver.solvers.lmm import constrained_coefficients
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ class PreviewAlgorithm(L.LightningModule):
         self.order = int(cfg.solver.order)
         self.trained_num_steps = sorted(set(int(k) for k in cfg.solver.num_steps))
         self.obs_dim = observation_dim(self.order, cfg.policy.sample_features)
-        self.actor = make_actor(cfg.policy, self.order, self.trained_num_steps, self.obs_dim)
+        self.learn_timesteps = bool(cfg.solver.learn_timesteps)
+        self.actor = make_actor(cfg.policy, self.order, self.trained_num_steps, self.obs_dim,
+                                extra_columns=int(self.learn_timesteps))
         self.__dict__["runtime"] = dict(runtime or {})  # frozen models: not submodules, not checkpointed
         self.skipped_batches = 0
         self.data_position = {"epoch": 0, "batches": 0}
@@ -123,7 +126,8 @@ class PreviewAlgorithm(L.LightningModule):
         if num_rollouts not in rt["envs"]:
             rt["envs"][num_rollouts] = PreviewEnv(
                 rt["backend"], rt["reward"], rt["reward_names"], rt["scheduler"], self.cfg.guidance, num_rollouts,
-                implied=self.cfg.policy.implied, sample_features=self.cfg.policy.sample_features)
+                implied=self.cfg.policy.implied, sample_features=self.cfg.policy.sample_features,
+                learn_timesteps=self.learn_timesteps)
         return rt["envs"][num_rollouts]
 
     # ------------------------------------------------------------------ data -> reset input
@@ -248,21 +252,42 @@ class PreviewAlgorithm(L.LightningModule):
 
     # ------------------------------------------------------------------ the learned solver
     @torch.no_grad()
-    def coefficient_table(self, num_steps: int) -> np.ndarray:
-        """The actor's mode as a coefficient table ``[K, order]`` (float64), what export ships."""
+    def mode_actions(self, num_steps: int) -> torch.Tensor:
+        """The actor's mode at every step of a K-step solve, ``[K, d]`` float32 on the CPU."""
         if num_steps not in self.trained_num_steps:
             raise ValueError(f"K={num_steps} was not trained; trained K: {self.trained_num_steps}")
         if self.cfg.policy.sample_features:
             raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
         rt = self.build_runtime()
-        obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied)
+        obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied,
+                                     learn_timesteps=self.learn_timesteps)
         K = num_steps
         td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
                          "base_action": base, "action_mask": mask}, batch_size=[K]).to(self.device)
         with set_interaction_type(InteractionType.DETERMINISTIC):
-            free = self.actor(td)[ACTION].float().cpu()
-        rows = [constrained_coefficients(free[i], min(i + 1, self.order), self.cfg.policy.implied) for i in range(K)]
+            return self.actor(td)[ACTION].float().cpu()
+
+    def coefficient_table(self, num_steps: int) -> np.ndarray:
+        """The actor's mode as a coefficient table ``[K, order]`` (float64), what export ships."""
+        free = self.mode_actions(num_steps)[:, : self.order - 1]
+        rows = [constrained_coefficients(free[i], min(i + 1, self.order), self.cfg.policy.implied)
+                for i in range(num_steps)]
         return torch.stack(rows).double().numpy()
+
+    def step_grid(self, num_steps: int) -> np.ndarray:
+        """The learned grid's K times at the actor's mode, float64 (VP integer timesteps, flow
+        unshifted sigmas), as a scheduler's ``step_grids`` holds them; the configured spacing's
+        without ``solver.learn_timesteps``."""
+        scheduler = self.build_runtime()["scheduler"]
+        positions = scheduler.step_positions(num_steps)
+        if self.learn_timesteps:
+            end, min_gap, integer = grid_units(scheduler.config.schedule, scheduler.config.num_train_timesteps)
+            logits = self.mode_actions(num_steps)[:-1, self.order - 1]
+            positions = grid_from_logits(logits, float(positions[0]), end, min_gap, integer).numpy()
+        return positions[:-1]
+
+    def step_grids(self, num_steps: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+        return {int(K): self.step_grid(int(K)) for K in (num_steps or self.trained_num_steps)}
 
     def sample_policy(self):
         """The ``mlp`` actor with sample features as a :class:`~consolver.policy.actor.SampleMLPPolicy`

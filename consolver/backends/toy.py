@@ -254,20 +254,27 @@ class ToyBackend(Backend):
 
     def alpha_sigma(self, t, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, s)`` float64 ``[batch]`` on the CPU from timesteps in scheduler units (VP: integer
-        timestep in ``[0, T)``; flow: ``sigma * num_train_timesteps``, sigma in [0, 1])."""
-        t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
+        timestep in ``[0, T)``; flow: ``sigma * num_train_timesteps``, sigma in [0, 1]).
+        Differentiable in ``t`` when it requires grad (learned step grids): VP values stay the
+        schedule's own, with the gradient of its continuous interpolation."""
+        t_grad = torch.as_tensor(t).to("cpu", torch.float64).reshape(-1)
+        if t_grad.numel() == 1:
+            t_grad = t_grad.expand(batch)
+        t = t_grad.detach()
         if t.shape != (batch,):
             raise ValueError(f"timesteps must be a scalar or [B={batch}], got shape {tuple(t.shape)}")
         T = self.schedule.num_train_timesteps
         if isinstance(self.schedule, VPSchedule):
             if bool(((t < 0) | (t > T - 1) | (t != t.round())).any()):
                 raise ValueError(f"VP timesteps must be integers in [0, {T - 1}], got {t.tolist()}")
-            return self.schedule.alpha_sigma(t.long())
+            a, s = self.schedule.alpha_sigma(t.long())
+            if t_grad.requires_grad:  # straight through: exact values, the interpolation's slope
+                a_c, s_c = self.schedule.alpha_sigma_continuous(t_grad)
+                a, s = a + (a_c - a_c.detach()), s + (s_c - s_c.detach())
+            return a, s
         if bool(((t < 0) | (t > T)).any()):
             raise ValueError(f"flow-matching timesteps must be sigma * {T} in [0, {T}], got {t.tolist()}")
-        return self.schedule.alpha_sigma(t / T)
+        return self.schedule.alpha_sigma(t_grad / T)
 
     def predict(self, x: torch.Tensor, t, cond: TensorDict, guidance: float) -> torch.Tensor:
         """Exact eps (VP) or velocity (flow) for ``x [B, 3, H, W]`` at timesteps ``t`` (scalar or

@@ -34,14 +34,17 @@ def _is_baseline(row: dict, ours: Sequence[str]) -> bool:
 
 
 def steps_saved(rows: Sequence[dict], ours_name: str, metric: str,
-                ours: Optional[Sequence[str]] = None) -> Dict[int, Optional[int]]:
+                ours: Optional[Sequence[str]] = None, baseline: Optional[str] = None) -> Dict[int, Optional[int]]:
     """For each K of ``ours_name``: the smallest NFE at which the best baseline (the maximum of
     ``metric`` over baseline rows at that NFE) reaches ``ours_name``'s ``metric`` at K, or
     ``None`` if no evaluated NFE does. Baselines are rows of kind ``"baseline"`` (rows without
-    ``kind`` count as baselines) whose solver is not ``ours_name`` nor in ``ours``."""
+    ``kind`` count as baselines) whose solver is not ``ours_name`` nor in ``ours``; only the
+    solver named ``baseline`` when given (e.g. ``"DPM-Solver++ 2M"``)."""
     exclude = [ours_name, *(ours or ())]
     best: Dict[int, float] = {}
     for row in rows:
+        if baseline is not None and row["solver"] != baseline:
+            continue
         if _is_baseline(row, exclude) and metric in row and not math.isnan(row[metric]):
             nfe = int(row.get("nfe", row["K"]))
             best[nfe] = max(best.get(nfe, -math.inf), float(row[metric]))
@@ -52,20 +55,46 @@ def steps_saved(rows: Sequence[dict], ours_name: str, metric: str,
     return result
 
 
-def steps_saved_line(rows: Sequence[dict], ours_name: str, metric: str, ours: Optional[Sequence[str]] = None) -> str:
+def steps_saved_line(rows: Sequence[dict], ours_name: str, metric: str, ours: Optional[Sequence[str]] = None,
+                     baseline: Optional[str] = None) -> str:
     """``"steps saved by NAME (metric; ...): K=3 -> NFE 5 (2 saved); K=4 -> > 12; K=6 -> NFE 5 (none saved)"``,
-    from :func:`steps_saved` (``> max NFE`` where no evaluated baseline NFE reaches it)."""
-    saved = steps_saved(rows, ours_name, metric, ours)
+    from :func:`steps_saved` (``> max NFE`` where no evaluated baseline NFE reaches it); against
+    the one solver ``baseline`` when given."""
+    saved = steps_saved(rows, ours_name, metric, ours, baseline)
     exclude = [ours_name, *(ours or ())]
-    max_nfe = max((int(r.get("nfe", r["K"])) for r in rows if _is_baseline(r, exclude)), default=None)
+    max_nfe = max((int(r.get("nfe", r["K"])) for r in rows if _is_baseline(r, exclude)
+                   and (baseline is None or r["solver"] == baseline)), default=None)
     parts = []
     for K, nfe in saved.items():
         if nfe is None:
             parts.append(f"K={K} -> > {max_nfe}" if max_nfe is not None else f"K={K} -> no baseline")
         else:
             parts.append(f"K={K} -> NFE {nfe} ({nfe - K} saved)" if nfe > K else f"K={K} -> NFE {nfe} (none saved)")
-    return (f"steps saved by {ours_name} ({metric}; the smallest NFE at which the best baseline reaches its "
+    against = "the best baseline" if baseline is None else baseline
+    return (f"steps saved by {ours_name} ({metric}; the smallest NFE at which {against} reaches its "
             f"quality): " + ("; ".join(parts) if parts else "no rows"))
+
+
+#: The baseline the paper counts steps saved against.
+STEPS_SAVED_BASELINE = "DPM-Solver++ 2M"
+
+
+def learned_solver_markdown(name: str, scheduler, num_steps: Sequence[int]) -> str:
+    """Per K, the grid a scheduler solves on (learned or configured) beside its coefficient table."""
+    lines = [f"### {name}: grids and coefficient tables", ""]
+    learned = scheduler.step_grids
+    for K in num_steps:
+        if scheduler.available_num_steps and K not in scheduler.available_num_steps:
+            continue
+        times = scheduler.step_positions(K)[:-1]
+        kind = "learned" if K in learned else scheduler.config.timestep_spacing
+        unit = "timesteps" if scheduler.config.schedule == "vp" else "unshifted sigmas"
+        grid = ", ".join(f"{t:g}" if scheduler.config.schedule == "vp" else f"{t:.4f}" for t in times)
+        lines += [f"- K={K}, {kind} grid ({unit}): {grid}"]
+        if K in scheduler._tables:
+            rows = "; ".join("[" + ", ".join(f"{w:+.3f}" for w in row) + "]" for row in scheduler._tables[K])
+            lines += [f"  - coefficients (newest first): {rows}"]
+    return "\n".join(lines)
 
 
 def _fmt(metric: str, value, se=None) -> str:
@@ -150,13 +179,15 @@ def plot_quality(rows: Sequence[dict], path: Path, metrics: Sequence[str], title
 
 
 def write_report(rows: Sequence[dict], out_dir, metric: Optional[str] = None, ours: Optional[Sequence[str]] = None,
-                 notes: Sequence[str] = (), header: str = "", name: str = "eval") -> Dict[str, Path]:
+                 notes: Sequence[str] = (), header: str = "", name: str = "eval",
+                 sections: Sequence[str] = ()) -> Dict[str, Path]:
     """Write ``<name>.md``, ``<name>.csv`` and ``<name>.png`` into ``out_dir``.
 
     ``metric``: the quality metric of the plot's first panel and of "steps saved" (default: the
     first metric of the rows, i.e. the first configured reward). ``ours``: our solvers' names
     (default: rows of kind ``"ours"``). ``notes`` (e.g. skipped K) and ``header`` go into the
-    markdown. Returns ``{"md": path, "csv": path, "png": path}``.
+    markdown, ``sections`` (e.g. :func:`learned_solver_markdown`) after the tables. Returns
+    ``{"md": path, "csv": path, "png": path}``.
     """
     if not rows:
         raise ValueError("no evaluation rows to report")
@@ -172,15 +203,18 @@ def write_report(rows: Sequence[dict], out_dir, metric: Optional[str] = None, ou
     plotted = [metric] + [m for m in ("pixel_psnr", "mode_agreement") if m in metrics and m != metric]
     plot_quality(rows, paths["png"], plotted)
     saved = [steps_saved_line(rows, n, metric, ours) for n in ours]
+    if any(r["solver"] == STEPS_SAVED_BASELINE for r in rows):
+        saved += [steps_saved_line(rows, n, metric, ours, STEPS_SAVED_BASELINE) for n in ours]
     text = [header.strip(), ""] if header.strip() else []
     text += [markdown_tables(rows, [metric] + [m for m in metrics if m != metric]), ""]
     text += [f"- {line}" for line in saved]
     text += [f"- note: {n}" for n in notes]
+    text += [part for section in sections for part in ("", section)]
     text += ["", f"![quality against NFE]({paths['png'].name})", ""]
     paths["md"].write_text("\n".join(text), encoding="utf-8")
     logger.info("wrote %s, %s, %s", *paths.values())
     return paths
 
 
-__all__ = ["markdown_tables", "metric_names", "plot_quality", "steps_saved", "steps_saved_line", "write_csv",
+__all__ = ["STEPS_SAVED_BASELINE", "learned_solver_markdown", "markdown_tables", "metric_names", "plot_quality", "steps_saved", "steps_saved_line", "write_csv",
            "write_report"]

@@ -119,11 +119,13 @@ class MLPHead(nn.Module):
         return base + out[..., : self.width], self.log_std.exp().expand_as(base), mask
 
 
-def make_actor(policy_cfg, order: int, num_steps: Sequence[int], observation_dim: int) -> ProbabilisticActor:
+def make_actor(policy_cfg, order: int, num_steps: Sequence[int], observation_dim: int,
+               extra_columns: int = 0) -> ProbabilisticActor:
     """The actor for ``policy_cfg`` (a :class:`~consolver.config.PolicyConfig`): reads the step
-    inputs, writes ``action [N, order - 1]`` (coefficient values) and ``action_log_prob [N]``;
-    samples by default, acts by its mode under ``set_interaction_type(DETERMINISTIC)``."""
-    width = order - 1
+    inputs, writes ``action [N, order - 1 + extra_columns]`` (coefficient values, then e.g. the
+    next grid position's logit of a learned grid) and ``action_log_prob [N]``; samples by
+    default, acts by its mode under ``set_interaction_type(DETERMINISTIC)``."""
+    width = order - 1 + int(extra_columns)
     dist = policy_cfg.distribution
     offsets = bin_offsets(policy_cfg.ranges, width, policy_cfg.num_bins)
     if policy_cfg.name == "table":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from consolver.schedules import FINAL_TIMESTEP, FlowMatchingSchedule, VPSchedule
 
@@ -46,3 +47,108 @@ def flow_grid(schedule: FlowMatchingSchedule, num_inference_steps: Optional[int]
         raise ValueError("`mu` must be passed when `use_dynamic_shifting` is True")
     s = schedule.sigmas(num_inference_steps, sigmas, mu)
     return s * T, s
+
+
+# ---------------------------------------------------------------------------- learned grids
+#
+# A learned grid is K+1 *positions* from a fixed start to a fixed end, in position units: on a
+# VP schedule the timestep (the end is FINAL_TIMESTEP = -1, "land on x0"; positions are rounded
+# to integers), on flow matching the *unshifted* sigma (end 0; the shift, FLUX's ``mu`` included,
+# is applied afterwards, as to the ``sigmas`` a FLUX pipeline passes).
+#
+# Parametrisation (stick breaking): K-1 logits z_i, one per interior point. With ``g`` the
+# minimum gap and ``R_i = p_i - end - (K - i) g`` the room left once every remaining interval has
+# its gap, ``p_{i+1} = p_i - g - sigmoid(z_i) R_i``. Then ``R_{i+1} = (1 - sigmoid(z_i)) R_i >= 0``,
+# so every interval is at least ``g`` for any z (even +-inf): strictly decreasing, in range.
+
+
+def grid_room(position: torch.Tensor, end: float, steps_left: int, min_gap: float) -> torch.Tensor:
+    """``R = p - end - steps_left * g``: the room beyond the minimum gaps, same shape as ``p``."""
+    return position - end - steps_left * min_gap
+
+
+def next_position(position: torch.Tensor, logit: torch.Tensor, end: float, steps_left: int, min_gap: float,
+                  integer: bool = False) -> torch.Tensor:
+    """The next grid position from the current one ``[...]`` and its logit ``[...]`` (float64);
+    ``steps_left`` (>= 1) intervals remain before ``end``. ``integer``: rounded half up with a
+    straight-through gradient (VP; with integer ``position``, ``end`` and ``min_gap`` the room
+    stays >= 0, so the rounded grid keeps its gaps). Differentiable in both."""
+    if steps_left == 1:
+        return torch.full_like(position, end)
+    room = grid_room(position, end, steps_left, min_gap)
+    out = position - min_gap - torch.sigmoid(logit.double()) * room
+    return round_positions(out) if integer else out
+
+
+def grid_from_logits(logits: torch.Tensor, start: float, end: float, min_gap: float, integer: bool = False) -> torch.Tensor:
+    """Positions ``[..., K + 1]`` (``start`` first, ``end`` last, strictly decreasing by at least
+    ``min_gap``) from logits ``[..., K - 1]``, by :func:`next_position` step after step (so the
+    same float64 arithmetic as a solve that draws its logits one step at a time)."""
+    z = logits.double()
+    K = z.shape[-1] + 1
+    if not start - end >= K * min_gap:
+        raise ValueError(f"a {K}-step grid from {start} to {end} cannot keep gaps of {min_gap}")
+    p = torch.full(z.shape[:-1], float(start), dtype=torch.float64, device=z.device)
+    out = [p]
+    for i in range(K):
+        p = next_position(p, z[..., i] if i < K - 1 else p, end, K - i, min_gap, integer)
+        out.append(p)
+    return torch.stack(out, -1)
+
+
+def grid_units(schedule_kind: str, num_train_timesteps: int) -> tuple:
+    """``(end, min_gap, integer)`` of grid positions: VP ``(-1, 1, True)`` (timesteps, landing on
+    x0), flow ``(0, 1/T, False)`` (unshifted sigma)."""
+    if schedule_kind == "vp":
+        return float(FINAL_TIMESTEP), 1.0, True
+    return 0.0, 1.0 / num_train_timesteps, False
+
+
+def logits_from_grid(positions, min_gap: float) -> torch.Tensor:
+    """Inverse of :func:`grid_from_logits`: logits ``[K - 1]`` float64 of a strictly decreasing grid
+    ``[K + 1]`` whose gaps are all larger than ``min_gap``."""
+    p = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+    K = p.shape[-1] - 1
+    end = float(p[-1])
+    gaps = p[:-1] - p[1:]
+    if bool((gaps <= min_gap).any()):
+        raise ValueError(f"grid {p.tolist()} has a gap <= the minimum gap {min_gap}")
+    out = []
+    for i in range(K - 1):
+        f = (gaps[i] - min_gap) / grid_room(p[i], end, K - i, min_gap)
+        out.append(torch.logit(f.clamp(1e-12, 1 - 1e-12)))
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def round_positions(positions: torch.Tensor) -> torch.Tensor:
+    """VP positions rounded to integers (half up, so positions at least 1 apart stay strictly
+    decreasing), with a straight-through gradient."""
+    rounded = torch.floor(positions + 0.5)
+    return positions + (rounded - positions).detach()
+
+
+def parse_step_grids(grids, schedule_kind: str, num_train_timesteps: int) -> dict:
+    """Learned grids ``{K: [K values]}`` (keys ints or digit strings) as float64 arrays: VP
+    integer timesteps in ``[0, T)``, flow unshifted sigmas in ``(0, 1]``, strictly descending,
+    exactly K of them. ``ValueError`` naming the K otherwise."""
+    from consolver.solvers.tables import table_key
+
+    out = {}
+    T = int(num_train_timesteps)
+    for key, values in (grids or {}).items():
+        K = table_key(key)
+        try:
+            grid = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"step grid for K={K} must be a flat list of numbers, got {values!r}") from None
+        if grid.ndim != 1 or len(grid) != K:
+            raise ValueError(f"step grid for K={K} has {grid.size} values, not {K}: a K-step grid lists the K "
+                             f"times the model is evaluated at")
+        if not np.isfinite(grid).all() or np.any(np.diff(grid) >= 0):
+            raise ValueError(f"step grid for K={K} must be strictly descending finite values, got {grid.tolist()}")
+        if schedule_kind == "vp" and (np.any(grid != np.round(grid)) or grid[0] >= T or grid[-1] < 0):
+            raise ValueError(f"step grid for K={K} must hold integer timesteps in [0, {T}), got {grid.tolist()}")
+        if schedule_kind == "flow" and (grid[0] > 1.0 or grid[-1] <= 0.0):
+            raise ValueError(f"step grid for K={K} must hold unshifted sigmas in (0, 1], got {grid.tolist()}")
+        out[K] = grid
+    return out

@@ -1,0 +1,77 @@
+"""A batched multistep solve whose grid is drawn one step at a time (learned step grids).
+
+Every row has its own grid: at step ``i`` the caller gives each row's coefficients and the
+logit of its next grid position (see :mod:`consolver.solvers.grid`), and the solve transfers
+each row to its own next time. Everything is differentiable in the coefficients, the logits
+and the latents: the VP noise levels come from
+:meth:`~consolver.schedules.VPSchedule.alpha_sigma_continuous` at the (straight-through
+rounded) timesteps, so their values are the schedule's own at integers.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from consolver.schedules import time_shift
+from consolver.solvers.grid import grid_units, next_position
+from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
+
+
+class GridSolve:
+    """State of N solves on per-row grids, for a :class:`~consolver.scheduler.ConsistencySolverScheduler`'s
+    schedule and order (``mu``: FLUX's dynamic shift, when the schedule uses one).
+
+    Attributes after :meth:`start`: ``positions`` (list of ``[N]`` float64 grid positions so far),
+    ``history`` (model outputs, newest first, at most ``order``).
+    """
+
+    def __init__(self, scheduler, mu: Optional[float] = None):
+        cfg = scheduler.config
+        self.kind, self.T, self.order = cfg.schedule, int(cfg.num_train_timesteps), int(cfg.solver_order)
+        self.end, self.min_gap, self.integer = grid_units(self.kind, self.T)
+        self.vp_schedule, self.flow_schedule, self.mu = scheduler.vp_schedule, scheduler.flow_schedule, mu
+        if self.kind == "flow" and self.flow_schedule.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be given for a flow-matching schedule with use_dynamic_shifting")
+        self.positions: List[torch.Tensor] = []
+        self.history: List[torch.Tensor] = []
+
+    def start(self, num_steps: int, start_position: float, num_rows: int, device) -> torch.Tensor:
+        """Begin K-step solves at ``start_position``; returns the first model times ``[N]``."""
+        self.K, self.i = int(num_steps), 0
+        self.positions = [torch.full((num_rows,), float(start_position), dtype=torch.float64, device=device)]
+        self.history = []
+        return self.model_time(self.positions[0])
+
+    def model_time(self, position: torch.Tensor) -> torch.Tensor:
+        """Timesteps ``[N]`` float32 in scheduler units for the backend (VP: the timestep; flow:
+        shifted sigma * T)."""
+        if self.kind == "vp":
+            return position.float()
+        return (self.sigma(position) * self.T).float()
+
+    def sigma(self, position: torch.Tensor) -> torch.Tensor:
+        """Flow: the shifted sigma of an unshifted position, float64."""
+        if self.flow_schedule.use_dynamic_shifting:
+            return time_shift(position, mu=self.mu)
+        return time_shift(position, self.flow_schedule.shift)
+
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, coefficients: torch.Tensor,
+             logit: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One step of every row: ``x [N, ...]`` and its model output at the current positions,
+        ``coefficients [N, order]`` and next-position ``logit [N]`` (ignored at the last step).
+        Returns ``(x_next [N, ...], model times [N] at the next positions, None after the last)``."""
+        self.history.insert(0, model_output.float())
+        del self.history[self.order:]
+        p = self.positions[-1]
+        p_next = next_position(p, logit, self.end, self.K - self.i, self.min_gap, self.integer)
+        d = combine_history(self.history, coefficients)
+        if self.kind == "vp":
+            (a, s), (a_next, s_next) = self.vp_schedule.alpha_sigma_continuous(p), self.vp_schedule.alpha_sigma_continuous(p_next)
+            x_next = vp_transfer(x.float(), d, a, s, a_next, s_next)
+        else:
+            x_next = flow_transfer(x.float(), d, self.sigma(p), self.sigma(p_next))
+        self.positions.append(p_next)
+        self.i += 1
+        return x_next, (self.model_time(p_next) if self.i < self.K else None)
