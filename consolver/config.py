@@ -149,7 +149,8 @@ class AlgoConfig:
     min_group_std: float = 0.5  # with normalize_std: std floor, reward units (near-ties get no inflated advantage)
     gamma: float = 1.0  # gae
     lmbda: float = 0.95  # gae
-    distill_loss: str = "log_mse"  # distill: log_mse (-PSNR of latents) | mse | reward
+    distill_loss: str = "log_mse"  # distill: log_mse (-PSNR of latents) | mse | pixel_mse (decoded) | reward
+    distill_coef: float = 0.0  # ppo/grpo/rloo: add this x the distill loss of a mode rollout to every update
 
 
 @dataclass
@@ -387,7 +388,7 @@ IMPLIED = ("newest", "oldest")
 ALGOS = ("ppo", "grpo", "rloo", "distill")
 ADVANTAGES = ("group", "gae")
 LR_SCHEDULES = ("constant", "cosine")
-DISTILL_LOSSES = ("log_mse", "mse", "reward")
+DISTILL_LOSSES = ("log_mse", "mse", "pixel_mse", "reward")
 
 
 def validate_training(cfg: Config) -> None:
@@ -434,6 +435,9 @@ def validate_training(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if algo.lr <= 0:
         raise ConfigError(f"algo.lr must be > 0, got {algo.lr}")
+    if algo.distill_coef < 0 or (algo.distill_coef > 0 and algo.name == "distill"):
+        raise ConfigError(f"algo.distill_coef={algo.distill_coef} must be >= 0 and is for ppo/grpo/rloo (distill "
+                          f"is the distill loss alone)")
 
 
 def _check_finite(cfg: Any) -> None:

@@ -64,10 +64,15 @@ def test_exported_learned_grid_reproduces_the_training_time_mode_preview(distill
 
 
 def test_rl_learns_the_grid_as_an_action_column_in_the_log_prob(tmp_path):
-    cfg = tiny_config(tmp_path, "solver.learn_timesteps=true", "solver.num_steps=[4]", "trainer.max_steps=6")
+    """GRPO (with the distill loss added, algo.distill_coef) moves every interior grid point,
+    the first included (step 0 acts only through its position)."""
+    cfg = tiny_config(tmp_path, "solver.learn_timesteps=true", "solver.num_steps=[4]", "trainer.max_steps=6",
+                      "algo.distill_coef=0.5")
     module = _fit(cfg).module
-    assert module.step_grid(4).tolist() != [999, 749, 499, 249]  # the policy gradient moved the grid
     obs, base, mask = solve_plan(module.build_runtime()["scheduler"], 4, "newest", learn_timesteps=True)
+    moved = module.mode_actions(4)[:, 3] - base[:, 3]
+    assert (moved[:3].abs() > 1e-3).all() and moved[3] == 0, moved  # every interior point's logit moved
+    assert module.step_grid(4).tolist() != [999, 749, 499, 249]
     assert base.shape == (4, 4) and mask[:, 3].tolist() == [True, True, True, False]  # no position after the last step
     td = TensorDict({"observation": obs, "step_index": torch.arange(4), "num_steps": torch.full((4,), 4),
                      "base_action": base, "action_mask": mask}, batch_size=[4])

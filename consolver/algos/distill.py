@@ -3,21 +3,29 @@ through the K-step solve (backend included) to a loss against the full-step targ
 grid this bounds what any coefficient policy can reach.
 
 Losses (``algo.distill_loss``): ``log_mse`` (default; the log of each sample's latent MSE, i.e.
--PSNR, so the few samples that land on another mode do not dominate), ``mse``, or ``reward``
-(minus the configured reward, which must be differentiable).
+-PSNR, so the few samples that land on another mode do not dominate), ``mse``, ``pixel_mse``
+(MSE of the decoded images), or ``reward`` (minus the configured reward, which must be
+differentiable: toy depth, DINO/CLIP features). The RL algorithms can add the same loss to
+their updates (``algo.distill_coef``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from consolver.algos.base import PreviewAlgorithm
 
 
-def distill_loss(latents: torch.Tensor, target: torch.Tensor, reward: torch.Tensor, kind: str) -> torch.Tensor:
-    """Scalar loss of final latents ``[N, ...]`` against targets ``[N, ...]`` (``reward [N]``)."""
+def distill_loss(latents: torch.Tensor, target: torch.Tensor, reward: torch.Tensor, kind: str,
+                 decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Scalar loss of final latents ``[N, ...]`` against targets ``[N, ...]`` (``reward [N]``;
+    ``decode``: latents -> images in [0, 1], for ``pixel_mse``)."""
+    if kind == "pixel_mse":
+        with torch.no_grad():
+            target_images = decode(target)
+        return (decode(latents).float() - target_images.float()).square().mean()
     mse = (latents.float() - target.float()).square().flatten(1).mean(1)
     if kind == "log_mse":
         return torch.log(mse + 1e-10).mean()
@@ -25,17 +33,25 @@ def distill_loss(latents: torch.Tensor, target: torch.Tensor, reward: torch.Tens
         return mse.mean()
     if kind == "reward":
         return -reward.mean()
-    raise ValueError(f"unknown algo.distill_loss {kind!r}; valid: log_mse, mse, reward")
+    raise ValueError(f"unknown algo.distill_loss {kind!r}; valid: log_mse, mse, pixel_mse, reward")
+
+
+def mode_rollout_loss(module: PreviewAlgorithm, batch: Dict[str, Any], num_steps: int):
+    """``(loss, reward [B])``: the actor's mode rolled out on a batch (one rollout per sample) with
+    the gradient through the solve, and its ``algo.distill_loss``."""
+    data = module.reset_input(batch, num_steps, 1)
+    roll, env = module.rollout(data, num_steps, deterministic=True)
+    reward = roll["next", "reward"][:, -1, 0]
+    loss = distill_loss(env.final_latents, data["target_latent"], reward, module.cfg.algo.distill_loss,
+                        module.runtime["backend"].decode)
+    return loss, reward
 
 
 class Distill(PreviewAlgorithm):
     name = "distill"
 
     def train_on(self, batch: Dict[str, Any], num_steps: int) -> Optional[Dict[str, float]]:
-        data = self.reset_input(batch, num_steps, 1)
-        roll, env = self.rollout(data, num_steps, deterministic=True)
-        reward = roll["next", "reward"][:, -1, 0]
-        loss = distill_loss(env.final_latents, data["target_latent"], reward, self.cfg.algo.distill_loss)
+        loss, reward = mode_rollout_loss(self, batch, num_steps)
         norm = self.apply_gradients(loss, self.optimizers())
         stats = {"loss": float(loss.detach()), "reward_mean": float(self.gather_mean(reward)),
                  f"reward_K{num_steps}": float(self.gather_mean(reward))}

@@ -84,7 +84,14 @@ class PolicyGradient(PreviewAlgorithm):
             self.skip_updates(self.optimizers(), self.updates_per_batch)
             return None
         steps = self._with_advantage(roll, reward.view(B, G))
-        stats = self._update(steps)
+        aux = None
+        if algo.distill_coef > 0:  # the gradient bound's loss on the mode, added to the first update
+            from consolver.algos.distill import mode_rollout_loss
+
+            aux = mode_rollout_loss(self, batch, num_steps)[0]
+        stats = self._update(steps, aux)
+        if aux is not None:
+            stats["distill_loss"] = float(aux.detach())
         if "entropy" not in stats:
             with torch.no_grad():
                 stats["entropy"] = float(self.actor.get_dist(steps.clone(False)).entropy().mean())
@@ -103,7 +110,8 @@ class PolicyGradient(PreviewAlgorithm):
             steps = roll
         else:
             adv = self.advantage(reward).reshape(-1)  # [N]
-            steps = roll[:, 1:] if roll.shape[1] > 1 else roll
+            # step 0 has no free coefficient, but with a learned grid it places the next time
+            steps = roll[:, 1:] if roll.shape[1] > 1 and not self.learn_timesteps else roll
             steps.set("advantage", adv[:, None, None].expand(*steps.shape, 1).clone())
         steps = steps.reshape(-1)
         if self.initial_actor is not None:
@@ -112,7 +120,9 @@ class PolicyGradient(PreviewAlgorithm):
                 steps.set("init_log_prob", dist.log_prob(steps[ACTION]))
         return steps
 
-    def _update(self, steps: TensorDict) -> Dict[str, float]:
+    def _update(self, steps: TensorDict, aux: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """PPO epochs x minibatches over ``steps``; ``aux`` (a scalar loss with its graph, e.g.
+        ``algo.distill_coef`` x the distill loss) joins the first update."""
         algo = self.cfg.algo
         opt = self.optimizers()
         n, mb = steps.shape[0], int(algo.minibatches)
@@ -127,6 +137,8 @@ class PolicyGradient(PreviewAlgorithm):
                 for key in ("loss_entropy", "loss_critic"):
                     if key in out.keys():
                         loss = loss + out[key]
+                if aux is not None:
+                    loss, aux = loss + algo.distill_coef * aux, None
                 if self.initial_actor is not None:
                     log_ratio = part["init_log_prob"] - self.actor.get_dist(part).log_prob(part[ACTION])
                     kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator of KL(pi || pi_0)
