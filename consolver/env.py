@@ -39,6 +39,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from consolver.backends.base import timestep_kwargs
 from consolver.policy.actor import ACTION, ACTION_MASK, BASE_ACTION, NUM_STEPS, OBSERVATION, STEP_INDEX
 from consolver.policy.base import OBSERVATION_DIM, history_similarity, step_observation
 from consolver.rewards.base import CompositeReward
@@ -52,15 +53,16 @@ def observation_dim(order: int, sample_features: bool) -> int:
     return OBSERVATION_DIM + (order - 1 if sample_features else 0)
 
 
-def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None):
+def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None, sigmas=None):
     """The step inputs of a K-step solve that do not depend on the sample: step observations
     ``[K, 4]`` float32, the base solver's free coefficients ``[K, m-1]`` float32 and the masks of
-    the coefficients in use ``[K, m-1]`` bool (step i: the first ``min(i, m-1)``)."""
+    the coefficients in use ``[K, m-1]`` bool (step i: the first ``min(i, m-1)``). ``mu`` and
+    ``sigmas`` as ``set_timesteps`` takes them (see :meth:`Backend.timestep_kwargs`)."""
     K, m = int(num_steps), int(scheduler.config.solver_order)
-    grid_t, _ = scheduler.grid(K, mu)
+    grid_t, _ = scheduler.grid(K, mu, sigmas)
     T = scheduler.config.num_train_timesteps
     obs = torch.cat([step_observation(grid_t[i], grid_t[i + 1], i, K, T) for i in range(K)])
-    base = torch.from_numpy(scheduler.base_table(K, mu))
+    base = torch.from_numpy(scheduler.base_table(K, mu, sigmas))
     free = torch.stack([free_coefficients(base[i], min(i + 1, m), implied) for i in range(K)]).float()
     mask = torch.arange(m - 1)[None, :] < torch.arange(K)[:, None].clamp(max=m - 1)
     return obs, free, mask
@@ -116,8 +118,16 @@ class PreviewEnv(EnvBase):
         return seed
 
     # ------------------------------------------------------------------ plan of one solve
+    def timestep_kwargs(self, K: int) -> dict:
+        """``set_timesteps`` arguments of a K-step solve: the backend's (dynamic shift ``mu`` and
+        the pipeline's sigmas, see :meth:`Backend.timestep_kwargs`), ``mu`` overridden if given."""
+        kwargs = dict(timestep_kwargs(self.backend, K))
+        if self.mu is not None:
+            kwargs["mu"] = self.mu
+        return kwargs
+
     def _plan(self, K: int) -> None:
-        obs, base, mask = solve_plan(self.scheduler, K, self.implied, self.mu)
+        obs, base, mask = solve_plan(self.scheduler, K, self.implied, **self.timestep_kwargs(K))
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
     def _inputs(self, i: int) -> TensorDict:
@@ -143,7 +153,7 @@ class PreviewEnv(EnvBase):
         self._cond = data["cond"]
         self._features = data["target_features"]
         self._plan(self._K)
-        self.scheduler.set_timesteps(self._K, device=self.device, **({"mu": self.mu} if self.mu is not None else {}))
+        self.scheduler.set_timesteps(self._K, device=self.device, **self.timestep_kwargs(self._K))
         self._x = data["noise"].to(self.device)
         self._pending = self._predict(self._x, 0)
         self.final_latents = None

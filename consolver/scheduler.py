@@ -170,13 +170,16 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             tables[int(K)] = self._policy_table(times)
         return tables
 
-    def grid(self, num_inference_steps: int, mu: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """``(grid_t [K+1], grid_ode [K+1])`` float64 of a K-step solve (see :mod:`consolver.solvers.grid`)."""
-        return self._grid(num_inference_steps, mu=mu)
+    def grid(self, num_inference_steps: int, mu: Optional[float] = None,
+             sigmas: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(grid_t [K+1], grid_ode [K+1])`` float64 of a K-step solve (see :mod:`consolver.solvers.grid`);
+        ``sigmas``/``mu`` as :meth:`set_timesteps` takes them."""
+        return self._grid(num_inference_steps, sigmas=sigmas, mu=mu)
 
-    def base_table(self, num_inference_steps: int, mu: Optional[float] = None) -> np.ndarray:
+    def base_table(self, num_inference_steps: int, mu: Optional[float] = None,
+                   sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
         """The fixed ``base_solver``'s coefficient table ``[K, solver_order]`` on this K's grid."""
-        grid_ode = self.grid(num_inference_steps, mu)[1]
+        grid_ode = self.grid(num_inference_steps, mu, sigmas)[1]
         return fixed_table(self.config.base_solver, grid_ode, self.config.solver_order, self.config.solver_order)
 
     @property

@@ -24,6 +24,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import InteractionType, set_interaction_type
 
+from consolver.backends.base import timestep_kwargs
 from consolver.config import Config, to_container
 from consolver.env import PreviewEnv, expand_groups, observation_dim, reset_batch, solve_plan
 from consolver.policy.actor import ACTION, make_actor
@@ -255,7 +256,8 @@ class PreviewAlgorithm(L.LightningModule):
         if self.cfg.policy.sample_features:
             raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
         rt = self.build_runtime()
-        obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied)
+        obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied,
+                                     **timestep_kwargs(rt["backend"], num_steps))
         K = num_steps
         td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
                          "base_action": base, "action_mask": mask}, batch_size=[K]).to(self.device)
@@ -271,7 +273,7 @@ class PreviewAlgorithm(L.LightningModule):
 
         head = self.actor.module[0].module
         rt = self.build_runtime()
-        _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied)
+        _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied, **timestep_kwargs(rt["backend"], 2))
         policy = SampleMLPPolicy(self.order, self.cfg.policy.distribution, head.offsets.tolist(), self.cfg.policy.init_std,
                                  self.cfg.policy.hidden, self.cfg.policy.implied, base[-1].tolist())
         policy.head.load_state_dict(head.state_dict())
