@@ -46,8 +46,8 @@ def config(root, out, *overrides):
         f"backend.model={root / 'pipe'}", "backend.resolution=32", "backend.dtype=float32", "backend.device=cpu",
         "backend.flux.max_sequence_length=16", "rewards=[{name: toy_dino}]", f"data.prompts={root / 'edits.jsonl'}",
         f"data.shard_dir={out / 'shards'}", "data.num_samples=4", "data.samples_per_shard=4", "data.solve_batch_size=4",
-        "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "reference.num_steps=6",
-        "solver.num_steps=[2,3]", "algo.group_size=2", "trainer.max_steps=3", "trainer.image_every=0",
+        "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=4", "reference.num_steps=4",
+        "solver.num_steps=[2,3]", "algo.group_size=2", "trainer.max_steps=2", "trainer.image_every=0",
         "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000", "trainer.progress_bar=false",
         "trainer.accelerator=cpu", f"output_dir={out}", *overrides])
 
