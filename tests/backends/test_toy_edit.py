@@ -150,3 +150,8 @@ def test_make_shards_cli_writes_reference_images_and_instructions(tmp_path):
     keys = backend.prompts("train")
     assert [keys[i] for i in cond["prompt_index"].tolist()] == [keys[i % 4] for i in range(8)]
     assert batch["features"]["toy_dino"].shape[0] == 8
+
+
+def test_config_meta_is_the_built_backends_meta():
+    cfg = load_config(ROOT / "conf" / "toy_edit_dino.yaml", SMALL + ["backend.toy.num_train_prompts=4"])
+    assert ToyEditBackend.config_meta(cfg.backend) == ToyEditBackend.from_config(cfg.backend).meta()
