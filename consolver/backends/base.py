@@ -38,6 +38,8 @@ class Backend(ABC):
         resolution: decoded image side in pixels.
         dtype: the precision the model really computes in (config ``backend.dtype`` where the
             backend honours it); recorded in shard meta.
+        image_seq_len: packed image tokens of one latent (FLUX-style backends with a dynamically
+            shifted schedule; :meth:`schedule_mu` reads it), else absent.
     """
 
     name: str

@@ -67,7 +67,7 @@ def load_pipeline(model: str, dtype: torch.dtype):
     try:
         pipe = FluxKontextPipeline.from_pretrained(str(path) if path.is_dir() else model, dtype=dtype,
                                                    use_safetensors=True, local_files_only=offline)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:  # missing files, no network, no safetensors (huggingface_hub errors are OSErrors)
         where = "the local directory lacks its files" if path.is_dir() else "it is not in the local Hugging Face cache and the Hub could not be reached"
         raise not_available(model, f"{where} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     pipe.set_progress_bar_config(disable=True)

@@ -53,34 +53,38 @@ def _check(kind: str, word: str, valid, instruction: str) -> None:
                          f"vocabulary: {toy_scenes.vocabulary()}")
 
 
+def parse_instruction(instruction: str) -> tuple[str, str, str]:
+    """``(op, shape, value)`` with op ``recolor`` | ``move`` | ``reshape``; ``ValueError`` for an
+    instruction that does not parse (listing the forms) or an unknown word (listing the vocabulary)."""
+    text = normalize(instruction)
+    for regex, op, kind, valid in ((_RECOLOR, "recolor", "color", COLORS), (_MOVE, "move", "position", POSITIONS),
+                                   (_RESHAPE, "reshape", "shape", SHAPES)):
+        match = regex.match(text)
+        if match:
+            shape, value = match.groups()
+            _check("shape", shape, SHAPES, instruction)
+            _check(kind, value, valid, instruction)
+            return op, shape, value
+    raise ValueError(f"cannot parse toy edit instruction {instruction!r}; forms: {'; '.join(INSTRUCTION_FORMS)}")
+
+
 def apply_instruction(source: Scene, instruction: str) -> Scene:
     """The edited scene. ``ValueError`` for an instruction that does not parse (listing the forms),
     names a shape the scene lacks, or moves an object onto another one."""
-    text = normalize(instruction)
+    op, shape, value = parse_instruction(instruction)
     objects = list(source)
-    for regex, op in ((_RECOLOR, "recolor"), (_MOVE, "move"), (_RESHAPE, "reshape")):
-        match = regex.match(text)
-        if match:
-            break
-    else:
-        raise ValueError(f"cannot parse toy edit instruction {instruction!r}; forms: {'; '.join(INSTRUCTION_FORMS)}")
-    shape, value = match.groups()
-    _check("shape", shape, SHAPES, instruction)
     hits = [i for i, o in enumerate(objects) if o.shape == shape]
     if len(hits) != 1:
         raise ValueError(f"toy edit instruction {instruction!r} needs exactly one {shape} in the reference scene "
                          f"{toy_scenes.scene_prompt(source)!r}, found {len(hits)}")
     i, obj = hits[0], objects[hits[0]]
     if op == "recolor":
-        _check("color", value, COLORS, instruction)
         objects[i] = obj._replace(color=value)
     elif op == "move":
-        _check("position", value, POSITIONS, instruction)
         if any(o.position == value for j, o in enumerate(objects) if j != i):
             raise ValueError(f"toy edit instruction {instruction!r} moves the {shape} onto another object")
         objects[i] = obj._replace(position=value)
     else:
-        _check("shape", value, SHAPES, instruction)
         objects[i] = obj._replace(shape=value)
     return toy_scenes.canonical_scene(objects)
 
@@ -126,5 +130,5 @@ def edit_list(split: str, n: int) -> list[Edit]:
     return list(seen.values())
 
 
-__all__ = ["Edit", "INSTRUCTION_FORMS", "apply_instruction", "edit_key", "edit_list", "edit_split", "normalize",
+__all__ = ["Edit", "INSTRUCTION_FORMS", "apply_instruction", "parse_instruction", "edit_key", "edit_list", "edit_split", "normalize",
            "random_edit"]
