@@ -37,6 +37,13 @@ class ToyConfig:
 
 
 @dataclass
+class FluxConfig:
+    """FLUX.1-Kontext options (``backend.name: flux_kontext``).  # flux_kontext / toy_edit"""
+
+    max_sequence_length: int = 512  # T5 tokens of the instruction (the pipeline's default)
+
+
+@dataclass
 class BackendConfig:
     name: str = "toy"  # a name in consolver.backends.BACKENDS
     model: Optional[str] = None  # hub id or local directory of the pretrained pipeline
@@ -44,6 +51,7 @@ class BackendConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     toy: ToyConfig = field(default_factory=ToyConfig)
+    flux: FluxConfig = field(default_factory=FluxConfig)  # flux_kontext / toy_edit
 
 
 @dataclass
@@ -355,7 +363,7 @@ def validate(cfg: Config) -> None:
     _check_device("backend.device", cfg.backend.device)
     _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
-    if cfg.backend.name == "toy" and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
+    if cfg.backend.name in TOY_BACKENDS and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
         raise ConfigError(f"backend.dtype={cfg.backend.dtype!r} has no effect on the toy backend (its closed-form "
                           f"denoiser always computes in float32); set backend.dtype=float32")
     _choice("solver.base_solver", cfg.solver.base_solver, FIXED_SOLVERS)
@@ -378,8 +386,30 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     validate_training(cfg)
-    if cfg.backend.name != "toy" and not cfg.backend.model:
+    if cfg.backend.name not in TOY_BACKENDS and not cfg.backend.model:
         raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")
+    validate_editing(cfg)
+
+
+#: Closed-form backends: no backend.model, float32 only.  # flux_kontext / toy_edit
+TOY_BACKENDS = ("toy", "toy_edit")
+#: Backends that edit a reference image, and whether they have reference scenes of their own.
+EDITING_BACKENDS = {"flux_kontext": False, "toy_edit": True}
+#: Backends with FLUX's dynamic shift: only the solvers that take FLUX's sigmas and mu make targets.
+DYNAMIC_SHIFT_BACKENDS = ("flux_kontext", "toy_edit")
+
+
+def validate_editing(cfg: Config) -> None:
+    """Editing backends need reference images (``data.ref_image_column``) and a reference solver
+    that supports the dynamic shift.  # flux_kontext / toy_edit"""
+    name, data = cfg.backend.name, cfg.data
+    if name in EDITING_BACKENDS and not data.ref_image_column and (data.prompts or not EDITING_BACKENDS[name]):
+        raise ConfigError(f"backend {name!r} edits reference images: set data.ref_image_column to the column of "
+                          f"reference image paths in data.prompts (a .jsonl or .parquet file; got data.prompts="
+                          f"{data.prompts!r})")
+    if name in DYNAMIC_SHIFT_BACKENDS and cfg.reference.solver in ("dpmsolver++", "unipc"):
+        raise ConfigError(f"reference.solver={cfg.reference.solver!r} cannot follow backend {name!r}'s dynamic flow "
+                          f"shift (FLUX sigmas and mu); use reference.solver=euler (the FLUX pipeline's own solver)")
 
 
 POLICY_NAMES = ("table", "mlp")

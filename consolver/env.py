@@ -39,6 +39,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from consolver.backends.base import timestep_kwargs
 from consolver.policy.actor import ACTION, ACTION_MASK, BASE_ACTION, NUM_STEPS, OBSERVATION, STEP_INDEX
 from consolver.policy.base import OBSERVATION_DIM, history_similarity, step_observation
 from consolver.rewards.base import CompositeReward
@@ -54,22 +55,25 @@ def observation_dim(order: int, sample_features: bool) -> int:
     return OBSERVATION_DIM + (order - 1 if sample_features else 0)
 
 
-def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None, learn_timesteps: bool = False):
+def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None, sigmas=None,
+               learn_timesteps: bool = False):
     """The step inputs of a K-step solve that do not depend on the sample: step observations
     ``[K, 4]`` float32, the base actions ``[K, d]`` float32 and the masks of the action columns
     in use ``[K, d]`` bool. Columns: the base solver's ``m - 1`` free coefficients (step i uses
     the first ``min(i, m-1)``), and with ``learn_timesteps`` one more, the logit of the next grid
-    position on the configured grid (:mod:`consolver.solvers.grid`; unused at the last step)."""
+    position on the configured grid (:mod:`consolver.solvers.grid`; unused at the last step).
+    ``mu`` and ``sigmas`` as ``set_timesteps`` takes them (see :meth:`Backend.timestep_kwargs`)."""
     K, m = int(num_steps), int(scheduler.config.solver_order)
-    grid_t, _ = scheduler.grid(K, mu)
+    grid_t, _ = scheduler.grid(K, mu, sigmas)
     T = scheduler.config.num_train_timesteps
     obs = torch.cat([step_observation(grid_t[i], grid_t[i + 1], i, K, T) for i in range(K)])
-    base = torch.from_numpy(scheduler.base_table(K, mu))
+    base = torch.from_numpy(scheduler.base_table(K, mu, sigmas))
     free = torch.stack([free_coefficients(base[i], min(i + 1, m), implied) for i in range(K)]).float()
     mask = torch.arange(m - 1)[None, :] < torch.arange(K)[:, None].clamp(max=m - 1)
     if learn_timesteps:
         _, min_gap, _ = grid_units(scheduler.config.schedule, T)
-        logits = torch.cat([logits_from_grid(scheduler.step_positions(K), min_gap), torch.zeros(1, dtype=torch.float64)])
+        positions = scheduler.step_positions(K, sigmas)
+        logits = torch.cat([logits_from_grid(positions, min_gap), torch.zeros(1, dtype=torch.float64)])
         free = torch.cat([free, logits.float()[:, None]], 1)
         mask = torch.cat([mask, (torch.arange(K) < K - 1)[:, None]], 1)
     return obs, free, mask
@@ -111,7 +115,7 @@ class PreviewEnv(EnvBase):
         self.learn_timesteps = bool(learn_timesteps)
         if self.learn_timesteps and self.sample_features:
             raise ValueError("learned step grids work with sample-independent policies only (policy.sample_features=false)")
-        self.grid_solve = GridSolve(scheduler, mu) if self.learn_timesteps else None
+        self.grid_solve = GridSolve(scheduler) if self.learn_timesteps else None
         self.grid_positions: Optional[torch.Tensor] = None
         self.default_batch = batch
         self.final_latents: Optional[torch.Tensor] = None
@@ -134,8 +138,17 @@ class PreviewEnv(EnvBase):
         return seed
 
     # ------------------------------------------------------------------ plan of one solve
+    def timestep_kwargs(self, K: int) -> dict:
+        """``set_timesteps`` arguments of a K-step solve: the backend's (dynamic shift ``mu`` and
+        the pipeline's sigmas, see :meth:`Backend.timestep_kwargs`), ``mu`` overridden if given."""
+        kwargs = dict(timestep_kwargs(self.backend, K))
+        if self.mu is not None:
+            kwargs["mu"] = self.mu
+        return kwargs
+
     def _plan(self, K: int) -> None:
-        obs, base, mask = solve_plan(self.scheduler, K, self.implied, self.mu, self.learn_timesteps)
+        obs, base, mask = solve_plan(self.scheduler, K, self.implied, learn_timesteps=self.learn_timesteps,
+                                     **self.timestep_kwargs(K))
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
     def _inputs(self, i: int) -> TensorDict:
@@ -162,12 +175,13 @@ class PreviewEnv(EnvBase):
         self._features = data["target_features"]
         self._plan(self._K)
         self._x = data["noise"].to(self.device)
+        kwargs = self.timestep_kwargs(self._K)
         if self.learn_timesteps:
-            start = float(self.scheduler.step_positions(self._K)[0])
-            self._t = self.grid_solve.start(self._K, start, self.batch_size[0], self.device)
+            start = float(self.scheduler.step_positions(self._K, kwargs.get("sigmas"))[0])
+            self._t = self.grid_solve.start(self._K, start, self.batch_size[0], self.device, kwargs.get("mu"))
             self.grid_positions = None
         else:
-            self.scheduler.set_timesteps(self._K, device=self.device, **({"mu": self.mu} if self.mu is not None else {}))
+            self.scheduler.set_timesteps(self._K, device=self.device, **kwargs)
             self._t = self.scheduler.timesteps[0]
         self._pending = self._predict(self._x, 0)
         self.final_latents = None

@@ -103,6 +103,8 @@ class TrainingMonitor(Callback):
         K = 4 if 4 in module.trained_num_steps else module.trained_num_steps[0]
         small = {"noise": batch["noise"][:n], "prompt": batch["prompt"][:n], "target_latent": batch["target_latent"][:n],
                  "features": {k: v[:n] for k, v in batch["features"].items()}}
+        if "ref_image" in batch:  # editing: the reference images travel with the prompts
+            small["ref_image"] = batch["ref_image"][:n]
         _, env = module.rollout(module.reset_input(small, K), K, deterministic=True)
         backend = module.runtime["backend"]
         grid = preview_grid(backend.decode(env.final_latents), backend.decode(small["target_latent"].to(backend.device)))

@@ -72,8 +72,14 @@ def sample(
     mu: Optional[float] = None,
 ) -> torch.Tensor:
     """Solve the PF-ODE from ``noise [B, *latent_shape]`` with ``scheduler`` in
-    ``num_inference_steps`` model evaluations; returns the final latents, same shape."""
-    kwargs = {"mu": mu} if mu is not None else {}
+    ``num_inference_steps`` model evaluations; returns the final latents, same shape. The grid is
+    the one the backend's own pipeline sets (:func:`~consolver.backends.base.timestep_kwargs`:
+    FLUX's sigmas and dynamic-shift ``mu``), ``mu`` overridden if given."""
+    from consolver.backends.base import timestep_kwargs
+
+    kwargs = dict(timestep_kwargs(backend, num_inference_steps))
+    if mu is not None:
+        kwargs["mu"] = mu
     scheduler.set_timesteps(num_inference_steps, device=noise.device, **kwargs)
     # diffusers' flow-matching schedulers have neither init_noise_sigma nor scale_model_input
     x = noise * getattr(scheduler, "init_noise_sigma", 1.0)

@@ -181,13 +181,16 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         """The learned grids ``{K: [K]}`` float64 (empty: every K uses ``timestep_spacing``)."""
         return dict(self._grids)
 
-    def step_positions(self, num_inference_steps: int) -> np.ndarray:
+    def step_positions(self, num_inference_steps: int, sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
         """Grid *positions* ``[K+1]`` float64 of a K-step solve, the units grids are learned in (see
         :mod:`consolver.solvers.grid`): VP timesteps ending at -1, flow unshifted sigmas ending at
-        0; K's learned grid if there is one, else the configured spacing."""
+        0; K's learned grid if there is one, else the given unshifted ``sigmas`` (flow, e.g. what a
+        FLUX pipeline passes), else the configured spacing."""
         K = int(num_inference_steps)
         if K in self._grids:
             times = self._grids[K]
+        elif sigmas is not None and self.config.schedule == "flow":
+            times = np.asarray(sigmas, dtype=np.float64)
         elif self.config.schedule == "vp":
             times = self._grid(K)[0][:-1]
         else:
@@ -204,13 +207,16 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             tables[int(K)] = self._policy_table(times)
         return tables
 
-    def grid(self, num_inference_steps: int, mu: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """``(grid_t [K+1], grid_ode [K+1])`` float64 of a K-step solve (see :mod:`consolver.solvers.grid`)."""
-        return self._grid(num_inference_steps, mu=mu)
+    def grid(self, num_inference_steps: int, mu: Optional[float] = None,
+             sigmas: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """``(grid_t [K+1], grid_ode [K+1])`` float64 of a K-step solve (see :mod:`consolver.solvers.grid`);
+        ``sigmas``/``mu`` as :meth:`set_timesteps` takes them."""
+        return self._grid(num_inference_steps, sigmas=sigmas, mu=mu)
 
-    def base_table(self, num_inference_steps: int, mu: Optional[float] = None) -> np.ndarray:
+    def base_table(self, num_inference_steps: int, mu: Optional[float] = None,
+                   sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
         """The fixed ``base_solver``'s coefficient table ``[K, solver_order]`` on this K's grid."""
-        grid_ode = self.grid(num_inference_steps, mu)[1]
+        grid_ode = self.grid(num_inference_steps, mu, sigmas)[1]
         return fixed_table(self.config.base_solver, grid_ode, self.config.solver_order, self.config.solver_order)
 
     @property

@@ -231,6 +231,11 @@ class FlowMatchingSchedule:
     num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = False
+    # flux_kontext / toy_edit: the dynamic shift's mu line (FLUX scheduler config keys)
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
     kind: ClassVar[str] = "flow"
 
     def __post_init__(self) -> None:
@@ -274,9 +279,22 @@ class FlowMatchingSchedule:
         return np.linspace(self.sigma_max * T, self.sigma_min * T, int(num_inference_steps)) / T
 
     def diffusers_config(self) -> dict:
-        """Keyword arguments that give a diffusers flow-matching scheduler this schedule."""
-        return {"num_train_timesteps": self.num_train_timesteps, "shift": self.shift,
-                "use_dynamic_shifting": self.use_dynamic_shifting}
+        """Keyword arguments that give a diffusers flow-matching scheduler this schedule (with
+        dynamic shifting also the ``mu`` line, which FLUX pipelines read from the scheduler config)."""
+        config = {"num_train_timesteps": self.num_train_timesteps, "shift": self.shift,
+                  "use_dynamic_shifting": self.use_dynamic_shifting}
+        if self.use_dynamic_shifting:
+            config.update(base_shift=self.base_shift, max_shift=self.max_shift,
+                          base_image_seq_len=self.base_image_seq_len, max_image_seq_len=self.max_image_seq_len)
+        return config
+
+    def mu(self, image_seq_len: int) -> Optional[float]:
+        """The dynamic shift ``mu`` for ``image_seq_len`` packed image tokens, as FLUX pipelines
+        compute it from the scheduler config (:func:`flux_mu`); ``None`` without dynamic shifting."""
+        if not self.use_dynamic_shifting:
+            return None
+        return flux_mu(int(image_seq_len), self.base_image_seq_len, self.max_image_seq_len, self.base_shift,
+                       self.max_shift)
 
     @staticmethod
     def alpha_sigma(sigma) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import InteractionType, set_interaction_type
 
+from consolver.backends.base import timestep_kwargs
 from consolver.config import Config, to_container
 from consolver.env import PreviewEnv, expand_groups, observation_dim, reset_batch, solve_plan
 from consolver.policy.actor import ACTION, make_actor
@@ -260,7 +261,7 @@ class PreviewAlgorithm(L.LightningModule):
             raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
         rt = self.build_runtime()
         obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied,
-                                     learn_timesteps=self.learn_timesteps)
+                                     learn_timesteps=self.learn_timesteps, **timestep_kwargs(rt["backend"], num_steps))
         K = num_steps
         td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
                          "base_action": base, "action_mask": mask}, batch_size=[K]).to(self.device)
@@ -278,8 +279,9 @@ class PreviewAlgorithm(L.LightningModule):
         """The learned grid's K times at the actor's mode, float64 (VP integer timesteps, flow
         unshifted sigmas), as a scheduler's ``step_grids`` holds them; the configured spacing's
         without ``solver.learn_timesteps``."""
-        scheduler = self.build_runtime()["scheduler"]
-        positions = scheduler.step_positions(num_steps)
+        rt = self.build_runtime()
+        scheduler = rt["scheduler"]
+        positions = scheduler.step_positions(num_steps, timestep_kwargs(rt["backend"], num_steps).get("sigmas"))
         if self.learn_timesteps:
             end, min_gap, integer = grid_units(scheduler.config.schedule, scheduler.config.num_train_timesteps)
             logits = self.mode_actions(num_steps)[:-1, self.order - 1]
@@ -296,7 +298,7 @@ class PreviewAlgorithm(L.LightningModule):
 
         head = self.actor.module[0].module
         rt = self.build_runtime()
-        _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied)
+        _, base, _ = solve_plan(rt["scheduler"], 2, self.cfg.policy.implied, **timestep_kwargs(rt["backend"], 2))
         policy = SampleMLPPolicy(self.order, self.cfg.policy.distribution, head.offsets.tolist(), self.cfg.policy.init_std,
                                  self.cfg.policy.hidden, self.cfg.policy.implied, base[-1].tolist())
         policy.head.load_state_dict(head.state_dict())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from tensordict import TensorDict
 
@@ -37,6 +38,8 @@ class Backend(ABC):
         resolution: decoded image side in pixels.
         dtype: the precision the model really computes in (config ``backend.dtype`` where the
             backend honours it); recorded in shard meta.
+        image_seq_len: packed image tokens of one latent (FLUX-style backends with a dynamically
+            shifted schedule; :meth:`schedule_mu` reads it), else absent.
     """
 
     name: str
@@ -67,6 +70,28 @@ class Backend(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, resolution, resolution]`` in [0, 1] from latents ``[B, *latent_shape]``."""
 
+    def schedule_mu(self) -> Optional[float]:
+        """The dynamic-shift ``mu`` of this backend's flow-matching schedule at its latent size, as
+        FLUX pipelines compute it from the packed image token count (``image_seq_len``) and the
+        scheduler config; ``None`` on a VP or statically shifted schedule."""
+        if self.schedule.kind != "flow" or not self.schedule.use_dynamic_shifting:
+            return None
+        seq_len = getattr(self, "image_seq_len", None)
+        if seq_len is None:
+            raise ValueError(f"backend {self.name!r} has a dynamically shifted schedule but no image_seq_len")
+        return self.schedule.mu(seq_len)
+
+    def timestep_kwargs(self, num_steps: int) -> dict:
+        """Keyword arguments (besides ``num_inference_steps``) of ``scheduler.set_timesteps`` for a
+        K-step solve, exactly as the model's own pipeline passes them, so that training, targets and
+        an exported scheduler inside that pipeline share one grid: ``{}`` by default; with dynamic
+        shifting FLUX pipelines' unshifted ``sigmas = linspace(1, 1/K, K)`` and ``mu``."""
+        mu = self.schedule_mu()
+        if mu is None:
+            return {}
+        K = int(num_steps)
+        return {"sigmas": np.linspace(1.0, 1.0 / K, K), "mu": mu}
+
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise ``ValueError`` for a prompt this backend cannot encode, cheaply and without
         encoding (``make_shards`` checks the whole prompt list before it writes anything)."""
@@ -90,3 +115,9 @@ class Backend(ABC):
         determines without building the backend (used to check shards when no backend is built).
         Backends whose config determines more override this."""
         return {"backend": cfg.name, "resolution": int(cfg.resolution)}
+
+
+def timestep_kwargs(backend, num_steps: int) -> dict:
+    """``backend.timestep_kwargs(num_steps)``, or ``{}`` for a backend-like object without it."""
+    method = getattr(backend, "timestep_kwargs", None)
+    return dict(method(num_steps)) if callable(method) else {}

@@ -75,7 +75,10 @@ def load_prompts(data: DataConfig, backend=None) -> List[PromptRecord]:
             name = getattr(backend, "name", None)
             raise ConfigError(f"data.prompts is not set and backend {name!r} has no prompt list of its own; "
                               f"set data.prompts to a .txt, .jsonl or .parquet file")
-        records = [PromptRecord(str(p)) for p in backend.prompts(data.split)]
+        if hasattr(backend, "prompt_records"):  # an editing toy world: instructions + its own reference PNGs
+            records = list(backend.prompt_records(data.split, Path(data.shard_dir) / "refs"))
+        else:
+            records = [PromptRecord(str(p)) for p in backend.prompts(data.split)]
     else:
         path = Path(data.prompts)
         if not path.is_file():

@@ -145,8 +145,19 @@ def fingerprint(cfg: Config, backend, prompts: Sequence[PromptRecord], reward=No
         solve_batch_size=cfg.data.solve_batch_size, prompts_sha256=digest, num_prompts=len(prompts),
         rewards=[{k: v for k, v in r.items() if v is not None} for r in to_container(cfg)["rewards"]],
         reward_weights_sha256=_weights_sha256(reward),
-        backend_config=to_container(cfg)["backend"] | {"device": None},
+        backend_config=backend_fingerprint(cfg),
     )))
+
+
+#: Config sections of ``backend`` that only some backends read: left out of the other backends'
+#: fingerprints, so adding such a section leaves existing shards valid.  # flux_kontext / toy_edit
+BACKEND_SECTIONS = {"flux": ("flux_kontext",)}
+
+
+def backend_fingerprint(cfg: Config) -> Dict[str, Any]:
+    """The ``backend`` config section as it determines the shards (device left out)."""
+    section = to_container(cfg)["backend"] | {"device": None}
+    return {k: v for k, v in section.items() if cfg.backend.name in BACKEND_SECTIONS.get(k, (cfg.backend.name,))}
 
 
 def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:

@@ -89,6 +89,12 @@ def baseline_schedulers(cfg, backend, names=None, ab_order: int = 2, ipndm_order
         f"iPNDM {ipndm_order}": lambda: make_scheduler("ipndm", schedule, spacing, order=ipndm_order),
     }
     canonical = dict(zip(BASELINES, builders))  # "Adams-Bashforth 2 (rho)" -> actual name, for selection
+    if isinstance(schedule, FlowMatchingSchedule) and schedule.use_dynamic_shifting:
+        # diffusers' multistep solvers do not take FLUX's sigmas + mu: only the tables on the pipeline's grid
+        for name in ("DPM-Solver++ 2M", "UniPC", "DEIS"):
+            if names is not None and any(str(n).lower() and name.lower().startswith(str(n).lower()) for n in names):
+                raise ValueError(f"baseline {name!r} cannot follow a dynamically shifted flow schedule (FLUX sigmas and mu)")
+            del builders[name]  # "DDIM" is Euler on flow matching
     if names is None:
         selected = list(builders)
     else:

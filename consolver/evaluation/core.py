@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -70,6 +71,8 @@ class EvalSet:
 def eval_prompts(cfg, backend) -> List[PromptRecord]:
     """The evaluation prompts: the backend's ``"heldout"`` split when it has one and ``data.prompts``
     is unset (the toy world), else :func:`load_prompts` of ``cfg.data`` (see the module docstring)."""
+    if cfg.data.prompts is None and hasattr(backend, "prompt_records"):  # toy_edit: held-out edits + reference PNGs
+        return list(backend.prompt_records("heldout", Path(cfg.output_dir) / "eval_refs"))
     if cfg.data.prompts is None and hasattr(backend, "prompts"):
         try:
             prompts = backend.prompts("heldout")

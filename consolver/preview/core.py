@@ -157,7 +157,9 @@ def _warm_up(backend, scheduler, records: Sequence[PromptRecord], guidance: floa
     """One untimed encode and model call, so timings exclude one-off set-up (the toy renders a new
     prompt's components and caches its bank; GPUs load kernels)."""
     cond = encode(backend, records)[:1]  # all of them: the toy adds new prompts to its bank in this order
-    scheduler.set_timesteps(num_steps, device=backend.device)
+    from consolver.backends.base import timestep_kwargs
+
+    scheduler.set_timesteps(num_steps, device=backend.device, **timestep_kwargs(backend, num_steps))
     noise = make_noise([0], backend.latent_shape).to(backend.device)
     backend.predict(noise, scheduler.timesteps[0], cond, guidance)
 

@@ -52,7 +52,7 @@ def _import_builtin_rewards() -> None:
     # dependencies (transformers, smp) out of processes that never build them.
     import importlib
 
-    for module in ("pixel", "toy", "depth", "segformer", "clip", "dino"):
+    for module in ("pixel", "toy", "depth", "segformer", "clip", "dino", "toy_dino"):
         try:
             importlib.import_module(f"consolver.rewards.{module}")
         except ModuleNotFoundError as err:

@@ -21,25 +21,26 @@ from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
 
 class GridSolve:
     """State of N solves on per-row grids, for a :class:`~consolver.scheduler.ConsistencySolverScheduler`'s
-    schedule and order (``mu``: FLUX's dynamic shift, when the schedule uses one).
+    schedule and order.
 
     Attributes after :meth:`start`: ``positions`` (list of ``[N]`` float64 grid positions so far),
     ``history`` (model outputs, newest first, at most ``order``).
     """
 
-    def __init__(self, scheduler, mu: Optional[float] = None):
+    def __init__(self, scheduler):
         cfg = scheduler.config
         self.kind, self.T, self.order = cfg.schedule, int(cfg.num_train_timesteps), int(cfg.solver_order)
         self.end, self.min_gap, self.integer = grid_units(self.kind, self.T)
-        self.vp_schedule, self.flow_schedule, self.mu = scheduler.vp_schedule, scheduler.flow_schedule, mu
-        if self.kind == "flow" and self.flow_schedule.use_dynamic_shifting and mu is None:
-            raise ValueError("`mu` must be given for a flow-matching schedule with use_dynamic_shifting")
+        self.vp_schedule, self.flow_schedule, self.mu = scheduler.vp_schedule, scheduler.flow_schedule, None
         self.positions: List[torch.Tensor] = []
         self.history: List[torch.Tensor] = []
 
-    def start(self, num_steps: int, start_position: float, num_rows: int, device) -> torch.Tensor:
-        """Begin K-step solves at ``start_position``; returns the first model times ``[N]``."""
-        self.K, self.i = int(num_steps), 0
+    def start(self, num_steps: int, start_position: float, num_rows: int, device, mu: Optional[float] = None) -> torch.Tensor:
+        """Begin K-step solves at ``start_position`` (``mu``: FLUX's dynamic shift, where the
+        schedule uses one); returns the first model times ``[N]``."""
+        if self.kind == "flow" and self.flow_schedule.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be given for a flow-matching schedule with use_dynamic_shifting")
+        self.K, self.i, self.mu = int(num_steps), 0, mu
         self.positions = [torch.full((num_rows,), float(start_position), dtype=torch.float64, device=device)]
         self.history = []
         return self.model_time(self.positions[0])
