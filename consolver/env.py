@@ -80,14 +80,18 @@ class PreviewEnv(EnvBase):
         implied: ``"newest"`` | ``"oldest"``, the coefficient sum-to-one implies.
         sample_features: add history cosine similarities to the observation.
         batch: a default reset input, used by ``reset()`` without data (e.g. ``check_env_specs``).
+        gradient_checkpointing: when the latents require grad (``distill``), run each backend
+            ``predict`` under ``torch.utils.checkpoint``: its activations are recomputed in the
+            backward pass instead of being kept for all K steps (config ``algo.gradient_checkpointing``).
     """
 
     batch_locked = True
 
     def __init__(self, backend, reward, reward_names: Sequence[str], scheduler, guidance: float, num_rollouts: int,
                  implied: str = "newest", sample_features: bool = False, batch: Optional[TensorDictBase] = None,
-                 mu: Optional[float] = None):
+                 mu: Optional[float] = None, gradient_checkpointing: bool = False):
         super().__init__(device=backend.device, batch_size=[num_rollouts])
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         # plain attributes, not submodules: the env must not add the frozen backend/reward to a state dict
         self.__dict__["backend"], self.__dict__["reward"] = backend, reward
         self.__dict__["scheduler"] = scheduler
@@ -153,7 +157,12 @@ class PreviewEnv(EnvBase):
         return out
 
     def _predict(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        return self.backend.predict(x, self.scheduler.timesteps[i], self._cond, self.guidance)
+        t = self.scheduler.timesteps[i]
+        if self.gradient_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.backend.predict, x, t, self._cond, self.guidance, use_reentrant=False)
+        return self.backend.predict(x, t, self._cond, self.guidance)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDict:
         i, K, m = self._i, self._K, self.order

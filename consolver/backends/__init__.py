@@ -7,6 +7,7 @@ from consolver.backends.base import Backend, apply_guidance
 #: config name -> "module:class"; each backend is imported only when asked for.
 BACKENDS = {
     "toy": "consolver.backends.toy:ToyBackend",
+    "sd15": "consolver.backends.sd15:SD15Backend",
 }
 
 
