@@ -145,8 +145,19 @@ def fingerprint(cfg: Config, backend, prompts: Sequence[PromptRecord], reward=No
         solve_batch_size=cfg.data.solve_batch_size, prompts_sha256=digest, num_prompts=len(prompts),
         rewards=[{k: v for k, v in r.items() if v is not None} for r in to_container(cfg)["rewards"]],
         reward_weights_sha256=_weights_sha256(reward),
-        backend_config=to_container(cfg)["backend"] | {"device": None},
+        backend_config=_fingerprinted_backend_config(cfg),
     )))
+
+
+#: Backend config keys that only say where and in what pieces the work runs (not what is made).
+UNFINGERPRINTED_BACKEND_KEYS = ("decode_chunk",)
+
+
+def _fingerprinted_backend_config(cfg: Config) -> Dict[str, Any]:
+    """``backend`` section of the config as the fingerprint records it: the device blanked and
+    the memory levers (``backend.decode_chunk``) left out, so changing them resumes the same shards."""
+    backend = {k: v for k, v in to_container(cfg)["backend"].items() if k not in UNFINGERPRINTED_BACKEND_KEYS}
+    return backend | {"device": None}
 
 
 def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:
