@@ -164,6 +164,12 @@ def test_missing_or_incomplete_local_directory_names_backend_model(tmp_path, pip
     shutil.copytree(pipeline_dir, partial, ignore=shutil.ignore_patterns("vae"))
     with pytest.raises(BackendModelNotFoundError, match=r"is not a diffusers pipeline directory: it lacks vae/"):
         SD15Backend(str(partial), resolution=RES, device="cpu")
+    pickled = tmp_path / "pickled"  # weights only as a pickle file: refused, never unpickled
+    shutil.copytree(pipeline_dir, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(BackendModelNotFoundError, match=r"could not load the local pipeline directory .*safetensors only"):
+        SD15Backend(str(pickled), resolution=RES, device="cpu")
 
 
 def test_unknown_backend_lists_the_valid_ones():
