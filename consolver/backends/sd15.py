@@ -233,9 +233,5 @@ class SD15Backend(Backend):
         z = self.vae.encode((images.to(self.device, self.torch_dtype) * 2 - 1)).latent_dist.mean.float()
         return (z - self.shift_factor) * self.scaling_factor
 
-    def meta(self) -> dict:
-        """Protocol meta (the backend's outputs are epsilon whatever the UNet predicts)."""
-        return super().meta()
-
 
 __all__ = ["PREDICTION_TYPES", "SD15Backend", "load_components", "resolve_device", "schedule_from_config"]
