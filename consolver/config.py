@@ -52,6 +52,8 @@ class BackendConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     toy: ToyConfig = field(default_factory=ToyConfig)
     flux: FluxConfig = field(default_factory=FluxConfig)  # flux_kontext / toy_edit
+    # sd15 / real backends
+    decode_chunk: int = 8  # latents per VAE decode call (memory lever: peak decode memory grows with it)
 
 
 @dataclass
@@ -159,6 +161,7 @@ class AlgoConfig:
     lmbda: float = 0.95  # gae
     distill_loss: str = "log_mse"  # distill: log_mse (-PSNR of latents) | mse | pixel_mse (decoded) | reward
     distill_coef: float = 0.0  # ppo/grpo/rloo: add this x the distill loss of a mode rollout to every update
+    gradient_checkpointing: bool = False  # distill: recompute each backend predict in the backward pass (memory lever)
 
 
 @dataclass
@@ -385,6 +388,11 @@ def validate(cfg: Config) -> None:
     for key, value in (("data.num_workers", cfg.data.num_workers), ("data.shuffle_buffer", cfg.data.shuffle_buffer)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.backend.decode_chunk < 1:
+        raise ConfigError(f"backend.decode_chunk must be >= 1, got {cfg.backend.decode_chunk}")
+    if cfg.backend.name == "sd15" and cfg.backend.resolution % 8:
+        raise ConfigError(f"backend.resolution={cfg.backend.resolution} must be a multiple of 8 for the sd15 backend "
+                          f"(the VAE downsamples by 8: 512 px -> 4x64x64 latents)")
     validate_training(cfg)
     if cfg.backend.name not in TOY_BACKENDS and not cfg.backend.model:
         raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")

@@ -97,14 +97,18 @@ class PreviewEnv(EnvBase):
         learn_timesteps: the action's last column is the logit of the next grid position, and each
             rollout solves on its own grid (:class:`~consolver.solvers.batched.GridSolve`);
             ``grid_positions [N, K+1]`` holds the grids after a solve.
+        gradient_checkpointing: when the latents require grad (``distill``), run each backend
+            ``predict`` under ``torch.utils.checkpoint``: its activations are recomputed in the
+            backward pass instead of being kept for all K steps (config ``algo.gradient_checkpointing``).
     """
 
     batch_locked = True
 
     def __init__(self, backend, reward, reward_names: Sequence[str], scheduler, guidance: float, num_rollouts: int,
                  implied: str = "newest", sample_features: bool = False, batch: Optional[TensorDictBase] = None,
-                 mu: Optional[float] = None, learn_timesteps: bool = False):
+                 mu: Optional[float] = None, learn_timesteps: bool = False, gradient_checkpointing: bool = False):
         super().__init__(device=backend.device, batch_size=[num_rollouts])
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         # plain attributes, not submodules: the env must not add the frozen backend/reward to a state dict
         self.__dict__["backend"], self.__dict__["reward"] = backend, reward
         self.__dict__["scheduler"] = scheduler
@@ -191,6 +195,10 @@ class PreviewEnv(EnvBase):
         return out
 
     def _predict(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.backend.predict, x, self._t, self._cond, self.guidance, use_reentrant=False)
         return self.backend.predict(x, self._t, self._cond, self.guidance)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDict:

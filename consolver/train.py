@@ -125,7 +125,8 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
     if untrained:
         raise ValueError(f"cannot export K={untrained}: not trained; trained K: {module.trained_num_steps}")
     rt = module.build_runtime()
-    scheduler = solver_scheduler(cfg, rt["backend"].schedule)
+    # the model's own output type (a v-prediction UNet): pipelines pass it to the scheduler raw
+    scheduler = solver_scheduler(cfg, rt["backend"].schedule, getattr(rt["backend"], "model_prediction_type", None))
     if cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy
         scheduler.attach_policy(module.sample_policy())
     else:

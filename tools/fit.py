@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from consolver.backends.model_source import BackendModelNotFoundError  # noqa: E402
 from consolver.config import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
@@ -83,5 +84,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, BackendModelNotFoundError) as err:
         sys.exit(f"fit: error: {err}")

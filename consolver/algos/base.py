@@ -46,14 +46,20 @@ def backend_device(cfg: Config) -> str:
     return "cpu"
 
 
-def solver_scheduler(cfg: Config, schedule):
+def solver_scheduler(cfg: Config, schedule, prediction_type: Optional[str] = None):
     """The :class:`~consolver.scheduler.ConsistencySolverScheduler` that training steps with and
-    export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing."""
+    export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing.
+
+    ``prediction_type`` overrides the schedule's (export of a v-prediction model: backends
+    return epsilon, but a pipeline hands the scheduler the model's raw output)."""
     from consolver.schedules import VPSchedule
     from consolver.scheduler import ConsistencySolverScheduler
 
+    config = schedule.diffusers_config()
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
     return ConsistencySolverScheduler(schedule="vp" if isinstance(schedule, VPSchedule) else "flow",
-                                      **schedule.diffusers_config(), solver_order=int(cfg.solver.order),
+                                      **config, solver_order=int(cfg.solver.order),
                                       base_solver=cfg.solver.base_solver, timestep_spacing=cfg.solver.timestep_spacing)
 
 
@@ -128,7 +134,8 @@ class PreviewAlgorithm(L.LightningModule):
             rt["envs"][num_rollouts] = PreviewEnv(
                 rt["backend"], rt["reward"], rt["reward_names"], rt["scheduler"], self.cfg.guidance, num_rollouts,
                 implied=self.cfg.policy.implied, sample_features=self.cfg.policy.sample_features,
-                learn_timesteps=self.learn_timesteps)
+                learn_timesteps=self.learn_timesteps,
+                gradient_checkpointing=bool(self.cfg.algo.gradient_checkpointing))
         return rt["envs"][num_rollouts]
 
     # ------------------------------------------------------------------ data -> reset input

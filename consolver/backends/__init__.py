@@ -7,6 +7,7 @@ from consolver.backends.base import Backend, apply_guidance
 #: config name -> "module:class"; each backend is imported only when asked for.
 BACKENDS = {
     "toy": "consolver.backends.toy:ToyBackend",
+    "sd15": "consolver.backends.sd15:SD15Backend",
     "flux_kontext": "consolver.backends.flux_kontext:FluxKontextBackend",
     "toy_edit": "consolver.backends.toy_edit:ToyEditBackend",
 }

@@ -152,12 +152,17 @@ def fingerprint(cfg: Config, backend, prompts: Sequence[PromptRecord], reward=No
 #: Config sections of ``backend`` that only some backends read: left out of the other backends'
 #: fingerprints, so adding such a section leaves existing shards valid.  # flux_kontext / toy_edit
 BACKEND_SECTIONS = {"flux": ("flux_kontext",)}
+#: Backend config keys that only say where and in what pieces the work runs (not what is made).
+UNFINGERPRINTED_BACKEND_KEYS = ("decode_chunk",)
 
 
 def backend_fingerprint(cfg: Config) -> Dict[str, Any]:
-    """The ``backend`` config section as it determines the shards (device left out)."""
+    """The ``backend`` config section as it determines the shards: the device blanked, the memory
+    levers (``backend.decode_chunk``) left out, so changing them resumes the same shards, and
+    sections of other backends left out."""
     section = to_container(cfg)["backend"] | {"device": None}
-    return {k: v for k, v in section.items() if cfg.backend.name in BACKEND_SECTIONS.get(k, (cfg.backend.name,))}
+    return {k: v for k, v in section.items() if k not in UNFINGERPRINTED_BACKEND_KEYS
+            and cfg.backend.name in BACKEND_SECTIONS.get(k, (cfg.backend.name,))}
 
 
 def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:
