@@ -88,14 +88,20 @@ def test_predict_is_the_pipelines_transformer_call(kontext, tmp_path):
     torch.testing.assert_close(ours, unpack(out[:, :64], 16, 16), rtol=0, atol=1e-5)
 
 
-def test_make_shards_fit_export_reproduces_the_preview_in_the_pipeline(kontext, tmp_path):
+@pytest.mark.parametrize("learn_timesteps", [False, True])
+def test_make_shards_fit_export_reproduces_the_preview_in_the_pipeline(kontext, tmp_path, learn_timesteps):
+    """With a learned grid too: stored in unshifted sigma, it replaces the default sigmas the
+    pipeline passes and is shifted by the pipeline's own mu."""
     root, refs = kontext
-    cfg = config(root, tmp_path)
+    cfg = config(root, tmp_path, f"solver.learn_timesteps={str(learn_timesteps).lower()}")
     summary = make_shards(cfg)
     assert summary["made"] == [0]
     result = fit(cfg)
     loaded = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
     assert loaded.available_num_steps == [2, 3] and loaded.config.use_dynamic_shifting
+    if learn_timesteps:
+        assert sorted(loaded.step_grids) == [2, 3]
+        assert not np.allclose(loaded.step_grids[3], np.linspace(1, 1 / 3, 3), atol=1e-4)  # moved by training
     module = result.module
     backend = module.runtime["backend"]
     noise = torch.randn(1, *backend.latent_shape, generator=torch.Generator().manual_seed(3))

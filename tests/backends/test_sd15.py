@@ -304,3 +304,35 @@ def test_parquet_prompt_column_makes_shards(pipeline_dir, tmp_path):
                       "data.num_samples=2", "data.samples_per_shard=2", "reference.num_steps=2")
     make_shards(cfg)
     assert peek_meta(expand_shards(str(tmp_path / "shards"))[0])["backend"] == "sd15"
+
+
+def test_a_learned_grid_exported_into_stable_diffusion_needs_only_num_inference_steps(trained, pipeline_dir, tmp_path):
+    """distill with solver.learn_timesteps on the tiny SD1.5 pipeline; the exported scheduler,
+    in an unmodified StableDiffusionPipeline called with only num_inference_steps=K, evaluates
+    the UNet on the learned grid and reproduces the training-time preview."""
+    from consolver.data.writer import make_noise
+    from consolver.scheduler import ConsistencySolverScheduler
+    from consolver.train import fit
+
+    cfg, _, _ = trained
+    grid_cfg = sd15_config(pipeline_dir, tmp_path, f"data.shard_dir={cfg.data.shard_dir}", "algo.name=distill",
+                           "solver.learn_timesteps=true", "algo.lr=0.3", "trainer.max_steps=3")
+    torch.manual_seed(0)
+    module = fit(grid_cfg).module
+    loaded = ConsistencySolverScheduler.from_pretrained(tmp_path / "run" / "scheduler")
+    grid = loaded.step_grids[3].tolist()
+    assert grid != [999, 666, 333], grid  # trailing: training moved it
+    backend, reward = module.runtime["backend"], module.runtime["reward"]
+    noise = make_noise([21, 22], backend.latent_shape)
+    batch = {"prompt": PROMPTS, "noise": noise, "target_latent": noise,
+             "features": {"pixel_psnr": reward.features(backend.decode(noise))}}
+    with torch.no_grad():
+        _, env = module.rollout(module.reset_input(batch, 3), 3, deterministic=True)
+    pipe = load_pipeline(pipeline_dir, scheduler=loaded)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(float(args[1])))
+    out = pipe(PROMPTS, latents=noise.clone(), num_inference_steps=3, guidance_scale=grid_cfg.guidance, height=RES,
+               width=RES, output_type="latent")
+    assert seen == grid
+    # per-rollout grid arithmetic in training vs the scheduler's scalars: float rounding only
+    torch.testing.assert_close(out.images, env.final_latents, rtol=1e-6, atol=1e-5)
