@@ -144,3 +144,19 @@ def test_registered_pretrained_backend_without_model_names_backend_model(monkeyp
 def test_meaningless_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("policy.name=mlp", r"solver.learn_timesteps=true needs policy.name=table and policy.distribution=gaussian \(got mlp, gaussian\)"),
+    ("policy.distribution=bins", r"\(got table, bins\)"),
+])
+def test_learned_grids_need_the_gaussian_table_policy(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["solver.learn_timesteps=true", override])
+    load_config(None, ["solver.learn_timesteps=false", override])  # fine without learned grids
+
+
+def test_distill_coef_is_for_the_rl_algorithms():
+    with pytest.raises(ConfigError, match=r"algo.distill_coef=0.5 must be >= 0 and is for ppo/grpo/rloo"):
+        load_config(None, ["algo.name=distill", "algo.distill_coef=0.5"])
+    assert load_config(None, ["algo.distill_coef=0.5"]).algo.distill_coef == 0.5

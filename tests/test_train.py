@@ -116,7 +116,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
 def test_sample_feature_policy_ships_inside_the_scheduler(tmp_path, distribution):
     """An mlp actor that looks at the latents (history cosine similarities) is carried by the
     exported scheduler as a policy; a diffusers-style loop reproduces the mode preview."""
-    cfg = tiny_config(tmp_path, "policy.name=mlp", "policy.sample_features=true", f"policy.distribution={distribution}",
+    cfg = tiny_config(tmp_path, "solver.learn_timesteps=false", "policy.name=mlp", "policy.sample_features=true", f"policy.distribution={distribution}",
                       "trainer.max_steps=3", "algo.lr=0.05", "solver.num_steps=[5]", "policy.hidden=32")
     result = fit(cfg, runtime=runtime())
     module, rt = result.module, runtime()
