@@ -23,8 +23,8 @@ def trained(tmp_path_factory):
     """A short GRPO run at K=4 (the shipped tiny shards, 8 samples x 8 rollouts per batch)."""
     out = tmp_path_factory.mktemp("grpo")
     torch.manual_seed(0)
-    cfg = tiny_config(out, "solver.num_steps=[4]", "data.batch_size=8", "algo.group_size=8", "trainer.max_steps=120",
-                      "trainer.checkpoint_every=60")
+    cfg = tiny_config(out, "algo.name=grpo", "algo.epochs=1", "algo.minibatches=1", "solver.num_steps=[4]",
+                      "data.batch_size=8", "algo.group_size=8", "trainer.max_steps=120", "trainer.checkpoint_every=60")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
