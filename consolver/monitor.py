@@ -112,17 +112,16 @@ class TrainingMonitor(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, module) -> Optional[Dict[str, float]]:
-        """The exported solver (the mode's tables) on the held-out set, every trained K."""
+        """The exported solver (the mode's tables and learned grids) on the held-out set, every trained K."""
         if self.cfg.policy.sample_features:
             return None
-        from consolver.algos.base import solver_scheduler
         from consolver.evaluation import evaluate_scheduler, make_eval_set
+        from consolver.train import trained_scheduler
 
         rt = module.runtime
         if self.eval_set is None:
             self.eval_set = make_eval_set(self.cfg, rt["backend"], rt["reward"], self.cfg.trainer.eval_num_noises)
-        scheduler = solver_scheduler(self.cfg, rt["backend"].schedule)
-        scheduler.set_coefficient_tables(module.coefficient_tables())
+        scheduler = trained_scheduler(module, module.trained_num_steps)
         results: Dict[str, float] = {}
         for K in module.trained_num_steps:
             metrics = evaluate_scheduler(self.eval_set, rt["backend"], scheduler, K, rt["reward"], rt["reward_names"])

@@ -111,13 +111,28 @@ def fit(cfg: Config, resume: bool = False, callbacks: Sequence[Any] = (), progre
     return FitResult(Path(cfg.output_dir), scheduler_dir, module, trainer)
 
 
+def trained_scheduler(module, num_steps: Sequence[int], prediction_type: Optional[str] = None):
+    """The solver a training module's mode defines, as a :class:`~consolver.scheduler.ConsistencySolverScheduler`:
+    coefficient tables (or the attached sample-feature policy) and, with learned grids, the step
+    grids for every K in ``num_steps``. What :func:`export_scheduler` saves and the held-out
+    evaluation during training solves with."""
+    from consolver.algos.base import solver_scheduler
+
+    scheduler = solver_scheduler(module.cfg, module.build_runtime()["backend"].schedule, prediction_type)
+    if module.cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy
+        scheduler.attach_policy(module.sample_policy())
+    else:
+        scheduler.set_coefficient_tables(module.coefficient_tables(num_steps))
+    if module.learn_timesteps:
+        scheduler.set_step_grids(module.step_grids(num_steps))
+    return scheduler
+
+
 def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[Sequence[int]] = None) -> Path:
     """Write the trained solver as a diffusers scheduler directory: the actor's mode compiled into
     a coefficient table for every K in ``num_steps`` (default: every trained K), and the actor's
     weights beside it. A K that was not trained is refused."""
     from safetensors.torch import save_file
-
-    from consolver.algos.base import solver_scheduler
 
     cfg = module.cfg
     num_steps = list(num_steps or module.trained_num_steps)
@@ -126,13 +141,7 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
         raise ValueError(f"cannot export K={untrained}: not trained; trained K: {module.trained_num_steps}")
     rt = module.build_runtime()
     # the model's own output type (a v-prediction UNet): pipelines pass it to the scheduler raw
-    scheduler = solver_scheduler(cfg, rt["backend"].schedule, getattr(rt["backend"], "model_prediction_type", None))
-    if cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy
-        scheduler.attach_policy(module.sample_policy())
-    else:
-        scheduler.set_coefficient_tables(module.coefficient_tables(num_steps))
-    if module.learn_timesteps:
-        scheduler.set_step_grids(module.step_grids(num_steps))
+    scheduler = trained_scheduler(module, num_steps, getattr(rt["backend"], "model_prediction_type", None))
     directory = Path(directory)
     scheduler.save_pretrained(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in module.actor.state_dict().items()}

@@ -82,3 +82,19 @@ def test_rl_learns_the_grid_as_an_action_column_in_the_log_prob(tmp_path):
     moved[:, 3] += 0.5
     changed = dist.log_prob(moved) != dist.log_prob(action)
     assert changed.tolist() == [True, True, True, False]
+
+
+def test_held_out_eval_during_training_solves_on_the_learned_grid(distilled):
+    """The monitor's held-out eval is the exported solver's: tables and learned grids."""
+    from types import SimpleNamespace
+
+    from consolver.monitor import TrainingMonitor
+
+    cfg, result = distilled
+    rt = runtime()
+    monitor = TrainingMonitor(cfg)
+    monitor.eval_set = make_eval_set(cfg, rt["backend"], rt["reward"], num_noises=4)
+    got = monitor.evaluate(SimpleNamespace(logger=None), result.module)
+    exported = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
+    want = evaluate_scheduler(monitor.eval_set, rt["backend"], exported, 4, rt["reward"], ["toy_depth"])
+    assert got["eval/K4/toy_depth"] == pytest.approx(want["toy_depth"], abs=1e-3)

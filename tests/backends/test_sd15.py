@@ -190,6 +190,19 @@ def sd15_config(pipeline_dir, tmp_path, *overrides):
         "trainer.progress_bar=false", "trainer.accelerator=cpu", f"output_dir={tmp_path / 'run'}", *overrides])
 
 
+def training_preview(module, seeds, num_steps):
+    """``(noise, final latents)`` of the training module's mode rollout for PROMPTS from ``seeds``."""
+    from consolver.data.writer import make_noise
+
+    backend, reward = module.runtime["backend"], module.runtime["reward"]
+    noise = make_noise(seeds, backend.latent_shape)
+    batch = {"prompt": PROMPTS, "noise": noise, "target_latent": noise,
+             "features": {"pixel_psnr": reward.features(backend.decode(noise))}}
+    with torch.no_grad():
+        _, env = module.rollout(module.reset_input(batch, num_steps), num_steps, deterministic=True)
+    return noise, env.final_latents
+
+
 @pytest.fixture(scope="module")
 def trained(pipeline_dir, tmp_path_factory):
     """Shards from a user's JSONL (column ``text``), then 3 distill iterations with gradient
@@ -211,7 +224,6 @@ def trained(pipeline_dir, tmp_path_factory):
 def test_make_shards_fit_export_into_a_real_stable_diffusion_pipeline(trained, pipeline_dir):
     """The exported scheduler, loaded with from_pretrained into StableDiffusionPipeline (same
     directory), reproduces the training-time mode preview for the same prompts and noise."""
-    from consolver.data.writer import make_noise
     from consolver.scheduler import ConsistencySolverScheduler
 
     cfg, summary, result = trained
@@ -225,15 +237,11 @@ def test_make_shards_fit_export_into_a_real_stable_diffusion_pipeline(trained, p
     table = np.asarray(loaded.config.coefficient_tables["3"])
     assert np.abs(table - loaded.base_table(3)).max() > 1e-3  # training moved the solver away from DDIM
 
-    noise = make_noise([11, 12], backend.latent_shape)
-    batch = {"prompt": PROMPTS, "noise": noise, "target_latent": noise,
-             "features": {"pixel_psnr": reward.features(backend.decode(noise))}}
-    with torch.no_grad():
-        _, env = module.rollout(module.reset_input(batch, 3), 3, deterministic=True)
+    noise, preview = training_preview(module, [11, 12], 3)
     pipe = load_pipeline(pipeline_dir, scheduler=loaded)
     out = pipe(PROMPTS, latents=noise.clone(), num_inference_steps=3, guidance_scale=cfg.guidance, height=RES, width=RES,
                output_type="latent")
-    torch.testing.assert_close(out.images, env.final_latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.images, preview, rtol=0, atol=1e-5)
 
 
 def test_prompts_are_encoded_once_per_batch_not_per_rollout(trained):
@@ -310,7 +318,6 @@ def test_a_learned_grid_exported_into_stable_diffusion_needs_only_num_inference_
     """distill with solver.learn_timesteps on the tiny SD1.5 pipeline; the exported scheduler,
     in an unmodified StableDiffusionPipeline called with only num_inference_steps=K, evaluates
     the UNet on the learned grid and reproduces the training-time preview."""
-    from consolver.data.writer import make_noise
     from consolver.scheduler import ConsistencySolverScheduler
     from consolver.train import fit
 
@@ -322,12 +329,7 @@ def test_a_learned_grid_exported_into_stable_diffusion_needs_only_num_inference_
     loaded = ConsistencySolverScheduler.from_pretrained(tmp_path / "run" / "scheduler")
     grid = loaded.step_grids[3].tolist()
     assert grid != [999, 666, 333], grid  # trailing: training moved it
-    backend, reward = module.runtime["backend"], module.runtime["reward"]
-    noise = make_noise([21, 22], backend.latent_shape)
-    batch = {"prompt": PROMPTS, "noise": noise, "target_latent": noise,
-             "features": {"pixel_psnr": reward.features(backend.decode(noise))}}
-    with torch.no_grad():
-        _, env = module.rollout(module.reset_input(batch, 3), 3, deterministic=True)
+    noise, preview = training_preview(module, [21, 22], 3)
     pipe = load_pipeline(pipeline_dir, scheduler=loaded)
     seen = []
     pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(float(args[1])))
@@ -335,4 +337,4 @@ def test_a_learned_grid_exported_into_stable_diffusion_needs_only_num_inference_
                width=RES, output_type="latent")
     assert seen == grid
     # per-rollout grid arithmetic in training vs the scheduler's scalars: float rounding only
-    torch.testing.assert_close(out.images, env.final_latents, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.images, preview, rtol=1e-6, atol=1e-5)
