@@ -9,6 +9,7 @@ FM:  x_s = (1 - s) x0 + s eps,  v = eps - x0  (Euler in sigma).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence, Union
@@ -183,13 +184,17 @@ class VPSchedule:
         differentiable in ``t``: log abar interpolated linearly between integer timesteps, so it
         equals :meth:`alpha_sigma` at integers. Learned grids take their gradient from it."""
         t = t.double()
-        knots = torch.cat([self.alphas_cumprod.new_tensor([self.final_alphas_cumprod]), self.alphas_cumprod]).log()
-        knots = knots.to(t.device)
+        knots = self._log_abar_knots.to(t.device)
         u = t + 1.0
         index = u.detach().floor().long().clamp(0, len(knots) - 2)
         frac = u - index
         abar = (knots[index] + frac * (knots[index + 1] - knots[index])).exp()
         return abar.sqrt(), (1.0 - abar).clamp(min=0.0).sqrt()
+
+    @functools.cached_property
+    def _log_abar_knots(self) -> torch.Tensor:
+        """log abar at t = -1 (the final value), 0, ..., T-1: ``[T + 1]`` float64."""
+        return torch.cat([self.alphas_cumprod.new_tensor([self.final_alphas_cumprod]), self.alphas_cumprod]).log()
 
     def rho(self, t) -> torch.Tensor:
         """``s_t / a_t`` (DDIM's ODE time), float64, 0 at a final step onto x0."""

@@ -65,10 +65,12 @@ def run(quick: bool = False) -> list[dict]:
         start = time.perf_counter()
         reward = roll["next", "reward"][:, -1, 0]
         steps = module._with_advantage(roll, reward.view(-1, cfg.algo.group_size))
-        loss = module.loss_module(steps)["loss_objective"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        for _ in range(module.epochs):  # the configured updates: epochs x minibatches (ppo 2x2 by default)
+            for chunk in torch.randperm(steps.shape[0]).chunk(int(cfg.algo.minibatches)):
+                loss = module.loss_module(steps[chunk])["loss_objective"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         return rollout, time.perf_counter() - start
 
     def timed_actor(*args, **kwargs):
