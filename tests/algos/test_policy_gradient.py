@@ -23,8 +23,9 @@ def test_group_advantage_is_relative_to_the_group():
 @pytest.mark.parametrize("algo", ["ppo-gae", "ppo-kl", "rloo", "distill"])
 def test_every_algorithm_trains_its_parameters(tmp_path, algo):
     overrides = {"ppo-gae": ["algo.name=ppo", "algo.advantage=gae", "algo.epochs=2", "algo.minibatches=2"],
-                 "ppo-kl": ["algo.name=ppo", "algo.kl_coef=0.5", "algo.epochs=2", "algo.entropy_coef=0.01"],
-                 "rloo": ["algo.name=rloo", "algo.epochs=3"],
+                 "ppo-kl": ["algo.name=ppo", "algo.kl_coef=0.5", "algo.epochs=2", "algo.minibatches=1",
+                            "algo.entropy_coef=0.01"],
+                 "rloo": ["algo.name=rloo", "algo.epochs=3", "algo.minibatches=1"],
                  "distill": ["algo.name=distill", "algo.lr=0.05"]}[algo]
     cfg = tiny_config(tmp_path, "trainer.max_steps=3", "solver.num_steps=[4]", *overrides)
     result = fit(cfg, runtime=runtime())
