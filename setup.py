@@ -29,5 +29,5 @@ setup(
         "numpy",
         "pillow",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"parquet": ["pyarrow"], "test": ["pytest>=7", "pytest-timeout", "pyarrow"]},
 )
