@@ -10,7 +10,7 @@ from consolver.evaluation import evaluate_scheduler, make_eval_set
 from consolver.sampling import make_scheduler, sample
 from consolver.scheduler import ConsistencySolverScheduler
 from consolver.train import fit
-from tests.training import predict_counter, runtime, sample_batch, tiny_config
+from tests.training import mode_preview, predict_counter, runtime, tiny_config
 
 
 def _fit(cfg):
@@ -48,8 +48,7 @@ def test_distill_learns_a_grid_that_beats_its_ddim_start_on_heldout_seeds(distil
 def test_exported_learned_grid_reproduces_the_training_time_mode_preview(distilled):
     cfg, result = distilled
     module, rt = result.module, runtime()
-    batch = sample_batch(cfg, 6, seed=100)
-    _, env = module.rollout(module.reset_input(batch, 4), 4, deterministic=True)
+    batch, env = mode_preview(module, cfg, 4)
     loaded = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
     grid = loaded.step_grids[4]
     assert grid.tolist() != [999, 749, 499, 249]

@@ -30,12 +30,7 @@ SMALL = ["backend.toy.renders_per_prompt=4", "backend.toy.num_train_prompts=2", 
 PROMPT = "a green circle on the left"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from consolver.evaluation import evaluate_scheduler, make_eval_set
 from consolver.sampling import make_scheduler, sample
 from consolver.scheduler import ConsistencySolverScheduler
 from consolver.train import export_scheduler, fit
-from tests.training import ROOT, runtime, sample_batch, tiny_config
+from tests.training import ROOT, mode_preview, runtime, sample_batch, tiny_config
 
 SCRIPT = ROOT / "tests" / "fit_script.py"
 
@@ -51,8 +51,7 @@ def test_short_grpo_run_beats_ddim_on_heldout_seeds(trained):
 def test_exported_scheduler_reproduces_the_training_time_mode_preview(trained):
     cfg, result = trained
     module, rt = result.module, runtime()
-    batch = sample_batch(cfg, 6, seed=100)
-    _, env = module.rollout(module.reset_input(batch, 4), 4, deterministic=True)
+    batch, env = mode_preview(module, cfg, 4)
     loaded = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
     assert loaded.available_num_steps == [4]
     preview = sample(rt["backend"], loaded, batch["noise"], rt["backend"].encode(batch["prompt"]), cfg.guidance, 4)

@@ -67,16 +67,10 @@ def tiny_word_tokenizer(max_length: int = 16):
                                    model_max_length=max_length)
 
 
-def tiny_flux_pipeline(tmp_dir: Path, scheduler, seed: int = 0):
-    """A FluxPipeline (FLUX.1 architecture: MMDiT transformer, CLIP + T5 encoders, 1-channel
-    VAE) with tiny random components, as diffusers' own Flux tests build it."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+def tiny_flux_text_encoders(tmp_dir: Path):
+    """``(tokenizer, text_encoder, tokenizer_2, text_encoder_2)``: tiny CLIP and T5 as FLUX uses them."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                         axes_dims_rope=[4, 4, 8])
     tokenizer = tiny_clip_tokenizer(tmp_dir / "clip_tokenizer")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
@@ -84,6 +78,19 @@ def tiny_flux_pipeline(tmp_dir: Path, scheduler, seed: int = 0):
     ))
     tokenizer_2 = tiny_word_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    return tokenizer, text_encoder, tokenizer_2, text_encoder_2
+
+
+def tiny_flux_pipeline(tmp_dir: Path, scheduler, seed: int = 0):
+    """A FluxPipeline (FLUX.1 architecture: MMDiT transformer, CLIP + T5 encoders, 1-channel
+    VAE) with tiny random components, as diffusers' own Flux tests build it."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                         axes_dims_rope=[4, 4, 8])
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = tiny_flux_text_encoders(tmp_dir)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
@@ -98,19 +105,12 @@ def tiny_flux_kontext_pipeline(tmp_dir: Path, seed: int = 0):
     FLUX.1-Kontext-dev, CLIP + T5 encoders, a 2-channel VAE with 2x downsampling) and the
     Kontext-dev scheduler config (shift 3, dynamic shifting)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
-    tokenizer = tiny_clip_tokenizer(tmp_dir / "clip_tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32,
-    ))
-    tokenizer_2 = tiny_word_tokenizer()
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = tiny_flux_text_encoders(tmp_dir)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         latent_channels=2, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,

@@ -63,3 +63,11 @@ def predict_counter(backend):
 
     backend.predict = counted
     return calls, lambda: setattr(backend, "predict", original)
+
+
+def mode_preview(module, cfg, num_steps: int, n: int = 6, seed: int = 100):
+    """``(batch, env)``: the training module's mode rollout (its training-time preview) on a
+    :func:`sample_batch`; the final latents are ``env.final_latents``."""
+    batch = sample_batch(cfg, n, seed=seed)
+    _, env = module.rollout(module.reset_input(batch, num_steps), num_steps, deterministic=True)
+    return batch, env

@@ -22,12 +22,7 @@ RES = 32  # tiny VAE downsamples by 2: latents [4, 16, 16]
 PROMPTS = ["a red apple on a table", "a dog on a beach"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
