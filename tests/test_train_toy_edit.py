@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
         "backend.resolution=16", "backend.toy.renders_per_prompt=16", "backend.toy.num_train_prompts=6",
         "backend.toy.num_heldout_prompts=2", f"data.shard_dir={out / 'shards'}", "data.num_samples=96",
         "data.samples_per_shard=96", "data.solve_batch_size=96", "data.batch_size=8", "data.shuffle_buffer=96",
-        f"solver.num_steps=[{K}]", "algo.group_size=8", "trainer.max_steps=150", "trainer.eval_every=0",
+        f"solver.num_steps=[{K}]", "solver.learn_timesteps=false", "algo.name=grpo", "algo.epochs=1",
+        "algo.minibatches=1", "algo.group_size=8", "trainer.max_steps=150", "trainer.eval_every=0",
         "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
         "trainer.progress_bar=false", "trainer.num_threads=0", f"output_dir={out}"])
     rt = {"backend": ToyEditBackend(16, 16, num_train_edits=6, num_heldout_edits=2), "reward": build_reward("toy_dino")}
