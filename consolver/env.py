@@ -150,9 +150,9 @@ class PreviewEnv(EnvBase):
             kwargs["mu"] = self.mu
         return kwargs
 
-    def _plan(self, K: int) -> None:
+    def _plan(self, K: int, timestep_kwargs: dict) -> None:
         obs, base, mask = solve_plan(self.scheduler, K, self.implied, learn_timesteps=self.learn_timesteps,
-                                     **self.timestep_kwargs(K))
+                                     **timestep_kwargs)
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
     def _inputs(self, i: int) -> TensorDict:
@@ -177,15 +177,15 @@ class PreviewEnv(EnvBase):
         self._K, self._i = int(K[0]), 0
         self._cond = data["cond"]
         self._features = data["target_features"]
-        self._plan(self._K)
         self._x = data["noise"].to(self.device)
-        kwargs = self.timestep_kwargs(self._K)
+        timing = self.timestep_kwargs(self._K)
+        self._plan(self._K, timing)
         if self.learn_timesteps:
-            start = float(self.scheduler.step_positions(self._K, kwargs.get("sigmas"))[0])
-            self._t = self.grid_solve.start(self._K, start, self.batch_size[0], self.device, kwargs.get("mu"))
+            start = float(self.scheduler.step_positions(self._K, timing.get("sigmas"))[0])
+            self._t = self.grid_solve.start(self._K, start, self.batch_size[0], self.device, timing.get("mu"))
             self.grid_positions = None
         else:
-            self.scheduler.set_timesteps(self._K, device=self.device, **kwargs)
+            self.scheduler.set_timesteps(self._K, device=self.device, **timing)
             self._t = self.scheduler.timesteps[0]
         self._pending = self._predict(self._x, 0)
         self.final_latents = None

@@ -29,7 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from consolver.policy import CoefficientPolicy, build_policy, step_observation
 from consolver.schedules import FINAL_TIMESTEP, SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
-from consolver.solvers.grid import flow_grid, parse_step_grids, vp_grid
+from consolver.solvers.grid import choose_grid, flow_grid, parse_step_grids, vp_grid
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
 from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, parse_tables
 
@@ -393,23 +393,11 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         return flow_grid(self.flow_schedule, num_inference_steps, timesteps, sigmas, mu)
 
     def _learned_or_given(self, num_inference_steps, timesteps, sigmas):
-        """``(timesteps, sigmas)`` to solve on: K's learned grid where nothing explicit is given (or
-        a FLUX pipeline's default sigmas), else what was given."""
-        if not self._grids:
-            return timesteps, sigmas
-        vp = self.config.schedule == "vp"
-        if timesteps is None and sigmas is None:
-            learned = self._grids.get(int(num_inference_steps))
-            if learned is None:
-                return None, None
-            return (learned, None) if vp else (None, learned)
-        name, given = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
-        n = len(given)
-        if sigmas is not None and not vp and n in self._grids and _is_default_flux_sigmas(sigmas):
-            logger.debug("set_timesteps: the learned grid for K=%d replaces the default FLUX sigmas", n)
-            return None, self._grids[n]
-        logger.warning("set_timesteps: solving on the %d %s given, not on a learned step grid (this scheduler has "
-                       "learned grids for K in %s)", n, name, sorted(self._grids))
+        """``(timesteps, sigmas)`` to solve on (see :func:`~consolver.solvers.grid.choose_grid`)."""
+        timesteps, sigmas, overridden = choose_grid(self._grids, self.config.schedule, num_inference_steps, timesteps, sigmas)
+        if overridden:
+            logger.warning("set_timesteps: solving on the %s, not on a learned step grid (this scheduler has learned "
+                           "grids for K in %s)", overridden, sorted(self._grids))
         return timesteps, sigmas
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:
@@ -451,13 +439,6 @@ def _check_finite_numbers(**values: Any) -> None:
     for key, value in values.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise ValueError(f"scheduler config {key}={value} is not a finite number")
-
-
-def _is_default_flux_sigmas(sigmas) -> bool:
-    """Whether ``sigmas`` are the ``linspace(1, 1/K, K)`` FLUX pipelines pass when the user gives none."""
-    given = np.asarray(sigmas, dtype=np.float64).reshape(-1)
-    K = len(given)
-    return K > 0 and np.allclose(given, np.linspace(1.0, 1.0 / K, K), rtol=0, atol=1e-6)
 
 
 def _is_flow_config(config: Dict[str, Any]) -> bool:

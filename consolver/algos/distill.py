@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from tensordict import TensorDict
 
 from consolver.algos.base import PreviewAlgorithm
 
@@ -42,10 +43,10 @@ def distill_loss(latents: torch.Tensor, target: torch.Tensor, reward: torch.Tens
     raise ValueError(f"unknown algo.distill_loss {kind!r}; valid: log_mse, mse, pixel_mse, reward")
 
 
-def mode_rollout_loss(module: PreviewAlgorithm, batch: Dict[str, Any], num_steps: int):
-    """``(loss, reward [B])``: the actor's mode rolled out on a batch (one rollout per sample) with
-    the gradient through the solve, and its ``algo.distill_loss``."""
-    data = module.reset_input(batch, num_steps, 1)
+def mode_rollout_loss(module: PreviewAlgorithm, data: TensorDict, num_steps: int):
+    """``(loss, reward [B])``: the actor's mode rolled out on a reset input ``data [B]`` (one
+    rollout per sample, see :meth:`PreviewAlgorithm.reset_input`) with the gradient through the
+    solve, and its ``algo.distill_loss``."""
     roll, env = module.rollout(data, num_steps, deterministic=True)
     reward = roll["next", "reward"][:, -1, 0]
     loss = distill_loss(env.final_latents, data["target_latent"], reward, module.cfg.algo.distill_loss,
@@ -57,7 +58,7 @@ class Distill(PreviewAlgorithm):
     name = "distill"
 
     def train_on(self, batch: Dict[str, Any], num_steps: int) -> Optional[Dict[str, float]]:
-        loss, reward = mode_rollout_loss(self, batch, num_steps)
+        loss, reward = mode_rollout_loss(self, self.reset_input(batch, num_steps), num_steps)
         norm = self.apply_gradients(loss, self.optimizers())
         stats = {"loss": float(loss.detach()), "reward_mean": float(self.gather_mean(reward)),
                  f"reward_K{num_steps}": float(self.gather_mean(reward))}

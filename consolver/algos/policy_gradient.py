@@ -19,6 +19,7 @@ from tensordict import TensorDict
 from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
 from consolver.algos.base import PreviewAlgorithm
+from consolver.env import expand_groups
 from consolver.policy.actor import ACTION, LOG_PROB, make_critic
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class PolicyGradient(PreviewAlgorithm):
     def train_on(self, batch: Dict[str, Any], num_steps: int) -> Optional[Dict[str, float]]:
         algo, G = self.cfg.algo, int(self.cfg.algo.group_size)
         B = batch["noise"].shape[0]
-        data = self.reset_input(batch, num_steps, G)
+        samples = self.reset_input(batch, num_steps)  # encoded once: the groups and the distill term share it
+        data = expand_groups(samples, G)
         with torch.no_grad():
             roll, _ = self.rollout(data, num_steps, deterministic=False)
         reward = roll["next", "reward"][:, -1, 0]  # [N]
@@ -88,7 +90,7 @@ class PolicyGradient(PreviewAlgorithm):
         if algo.distill_coef > 0:  # the gradient bound's loss on the mode, added to the first update
             from consolver.algos.distill import mode_rollout_loss
 
-            aux = mode_rollout_loss(self, batch, num_steps)[0]
+            aux = mode_rollout_loss(self, samples, num_steps)[0]
         stats = self._update(steps, aux)
         if aux is not None:
             stats["distill_loss"] = float(aux.detach())

@@ -91,8 +91,9 @@ def learned_solver_markdown(name: str, scheduler, num_steps: Sequence[int]) -> s
         unit = "timesteps" if scheduler.config.schedule == "vp" else "unshifted sigmas"
         grid = ", ".join(f"{t:g}" if scheduler.config.schedule == "vp" else f"{t:.4f}" for t in times)
         lines += [f"- K={K}, {kind} grid ({unit}): {grid}"]
-        if K in scheduler._tables:
-            rows = "; ".join("[" + ", ".join(f"{w:+.3f}" for w in row) + "]" for row in scheduler._tables[K])
+        table = (scheduler.config.coefficient_tables or {}).get(str(K))
+        if table is not None:
+            rows = "; ".join("[" + ", ".join(f"{w:+.3f}" for w in row) + "]" for row in table)
             lines += [f"  - coefficients (newest first): {rows}"]
     return "\n".join(lines)
 

@@ -43,20 +43,22 @@ class GridSolve:
         self.K, self.i, self.mu = int(num_steps), 0, mu
         self.positions = [torch.full((num_rows,), float(start_position), dtype=torch.float64, device=device)]
         self.history = []
-        return self.model_time(self.positions[0])
+        self._levels = self.noise_levels(self.positions[0])
+        return self.model_time(self.positions[0], self._levels)
 
-    def model_time(self, position: torch.Tensor) -> torch.Tensor:
+    def noise_levels(self, position: torch.Tensor) -> tuple:
+        """What the transfer needs at a position, float64 ``[N]`` each: VP ``(a, s)``, flow the
+        shifted ``(sigma,)``."""
+        if self.kind == "vp":
+            return self.vp_schedule.alpha_sigma_continuous(position)
+        if self.flow_schedule.use_dynamic_shifting:
+            return (time_shift(position, mu=self.mu),)
+        return (time_shift(position, self.flow_schedule.shift),)
+
+    def model_time(self, position: torch.Tensor, levels: tuple) -> torch.Tensor:
         """Timesteps ``[N]`` float32 in scheduler units for the backend (VP: the timestep; flow:
         shifted sigma * T)."""
-        if self.kind == "vp":
-            return position.float()
-        return (self.sigma(position) * self.T).float()
-
-    def sigma(self, position: torch.Tensor) -> torch.Tensor:
-        """Flow: the shifted sigma of an unshifted position, float64."""
-        if self.flow_schedule.use_dynamic_shifting:
-            return time_shift(position, mu=self.mu)
-        return time_shift(position, self.flow_schedule.shift)
+        return position.float() if self.kind == "vp" else (levels[0] * self.T).float()
 
     def step(self, x: torch.Tensor, model_output: torch.Tensor, coefficients: torch.Tensor,
              logit: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -65,14 +67,11 @@ class GridSolve:
         Returns ``(x_next [N, ...], model times [N] at the next positions, None after the last)``."""
         self.history.insert(0, model_output.float())
         del self.history[self.order:]
-        p = self.positions[-1]
-        p_next = next_position(p, logit, self.end, self.K - self.i, self.min_gap, self.integer)
+        p_next = next_position(self.positions[-1], logit, self.end, self.K - self.i, self.min_gap, self.integer)
         d = combine_history(self.history, coefficients)
-        if self.kind == "vp":
-            (a, s), (a_next, s_next) = self.vp_schedule.alpha_sigma_continuous(p), self.vp_schedule.alpha_sigma_continuous(p_next)
-            x_next = vp_transfer(x.float(), d, a, s, a_next, s_next)
-        else:
-            x_next = flow_transfer(x.float(), d, self.sigma(p), self.sigma(p_next))
+        levels, self._levels = self._levels, self.noise_levels(p_next)
+        transfer = vp_transfer if self.kind == "vp" else flow_transfer
+        x_next = transfer(x.float(), d, *levels, *self._levels)
         self.positions.append(p_next)
         self.i += 1
-        return x_next, (self.model_time(p_next) if self.i < self.K else None)
+        return x_next, (self.model_time(p_next, self._levels) if self.i < self.K else None)

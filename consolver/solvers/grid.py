@@ -90,10 +90,10 @@ def grid_from_logits(logits: torch.Tensor, start: float, end: float, min_gap: fl
         raise ValueError(f"a {K}-step grid from {start} to {end} cannot keep gaps of {min_gap}")
     p = torch.full(z.shape[:-1], float(start), dtype=torch.float64, device=z.device)
     out = [p]
-    for i in range(K):
-        p = next_position(p, z[..., i] if i < K - 1 else p, end, K - i, min_gap, integer)
+    for i in range(K - 1):
+        p = next_position(p, z[..., i], end, K - i, min_gap, integer)
         out.append(p)
-    return torch.stack(out, -1)
+    return torch.stack(out + [torch.full_like(p, end)], -1)
 
 
 def grid_units(schedule_kind: str, num_train_timesteps: int) -> tuple:
@@ -152,3 +152,30 @@ def parse_step_grids(grids, schedule_kind: str, num_train_timesteps: int) -> dic
             raise ValueError(f"step grid for K={K} must hold unshifted sigmas in (0, 1], got {grid.tolist()}")
         out[K] = grid
     return out
+
+
+def is_default_flux_sigmas(sigmas) -> bool:
+    """Whether ``sigmas`` are the ``linspace(1, 1/K, K)`` FLUX pipelines pass when the user gives none."""
+    given = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    K = len(given)
+    return K > 0 and np.allclose(given, np.linspace(1.0, 1.0 / K, K), rtol=0, atol=1e-6)
+
+
+def choose_grid(grids: dict, schedule_kind: str, num_inference_steps, timesteps, sigmas):
+    """``(timesteps, sigmas, overridden)`` a scheduler with learned ``grids`` ``{K: [K]}`` solves on:
+    K's learned grid where nothing explicit is given, and in place of the default sigmas a FLUX
+    pipeline passes; otherwise what was given. ``overridden`` names the explicit grid that won over
+    learned ones (``"4 timesteps given"``), else ``None``."""
+    if not grids:
+        return timesteps, sigmas, None
+    vp = schedule_kind == "vp"
+    if timesteps is None and sigmas is None:
+        learned = grids.get(int(num_inference_steps))
+        if learned is None:
+            return None, None, None
+        return (learned, None, None) if vp else (None, learned, None)
+    name, given = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    n = len(given)
+    if sigmas is not None and not vp and n in grids and is_default_flux_sigmas(sigmas):
+        return None, grids[n], None
+    return timesteps, sigmas, f"{n} {name} given"
