@@ -473,6 +473,10 @@ def validate_training(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if algo.lr <= 0:
         raise ConfigError(f"algo.lr must be > 0, got {algo.lr}")
+    if str(trainer.precision).startswith("16"):
+        raise ConfigError(f"trainer.precision={trainer.precision!r} (float16 loss scaling) is not supported: an "
+                          f"iteration makes several updates; use 32-true or bf16-mixed (backend.dtype=float16 keeps "
+                          f"the frozen model in half precision)")
     if algo.distill_coef < 0 or (algo.distill_coef > 0 and algo.name == "distill"):
         raise ConfigError(f"algo.distill_coef={algo.distill_coef} must be >= 0 and is for ppo/grpo/rloo (distill "
                           f"is the distill loss alone)")

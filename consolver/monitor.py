@@ -64,7 +64,7 @@ class TrainingMonitor(Callback):
             self.evaluate(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero or module.global_step % module.updates_per_batch:
+        if not trainer.is_global_zero:
             return
         it, t = module.iteration, self.cfg.trainer
         if it % t.log_every_n_steps == 0:
@@ -77,7 +77,9 @@ class TrainingMonitor(Callback):
     def on_train_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
             self.log_tables(trainer, module)
-            if self.cfg.trainer.eval_every > 0 and self.last_eval_iteration != module.iteration:
+            stop = getattr(trainer, "run_checkpoint", None)
+            interrupted = stop is not None and stop.stopped_at is not None  # a user waits: no eval
+            if self.cfg.trainer.eval_every > 0 and self.last_eval_iteration != module.iteration and not interrupted:
                 self.evaluate(trainer, module)
 
     # ------------------------------------------------------------------ parts
@@ -116,7 +118,7 @@ class TrainingMonitor(Callback):
         if self.cfg.policy.sample_features:
             return None
         from consolver.evaluation import evaluate_scheduler, make_eval_set
-        from consolver.train import trained_scheduler
+        from consolver.export import trained_scheduler
 
         rt = module.runtime
         if self.eval_set is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -396,8 +397,8 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         """``(timesteps, sigmas)`` to solve on (see :func:`~consolver.solvers.grid.choose_grid`)."""
         timesteps, sigmas, overridden = choose_grid(self._grids, self.config.schedule, num_inference_steps, timesteps, sigmas)
         if overridden:
-            logger.warning("set_timesteps: solving on the %s, not on a learned step grid (this scheduler has learned "
-                           "grids for K in %s)", overridden, sorted(self._grids))
+            warnings.warn(f"set_timesteps: solving on the {overridden}, not on a learned step grid (this scheduler "
+                          f"has learned grids for K in {sorted(self._grids)})", stacklevel=3)
         return timesteps, sigmas
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:

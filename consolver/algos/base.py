@@ -5,8 +5,10 @@ It owns the actor (and a critic where an algorithm has one), builds the frozen r
 per data batch: draw K (the same on every rank), turn the batch of B (prompt, noise, target)
 samples into the environment's reset input, hand it to the algorithm (:meth:`train_on`),
 step the LR schedule and log. Optimisation is manual (``self.manual_backward`` for every
-backward, so DDP stays in sync over several updates per batch); ``global_step`` counts
-optimizer steps, ``updates_per_batch`` of them per iteration.
+backward, so DDP stays in sync over several updates per batch). ``global_step`` counts
+*iterations*: every update of an iteration steps the optimizer itself, and Lightning counts
+one step per iteration (:meth:`count_iteration`), so ``trainer.max_steps``, checkpoint names,
+logging intervals and the progress bar all speak of iterations.
 
 A batch whose reward or loss is not finite, on any rank, is skipped on every rank, counted
 (``skipped_batches``) and logged; its update is never applied.
@@ -92,12 +94,13 @@ class PreviewAlgorithm(L.LightningModule):
     # ------------------------------------------------------------------ sizes
     @property
     def updates_per_batch(self) -> int:
-        """Optimizer steps per iteration (``global_step`` advances by this much per batch)."""
+        """Optimizer updates per iteration (``global_step`` still advances by one per iteration)."""
         return 1
 
     @property
     def iteration(self) -> int:
-        return self.global_step // self.updates_per_batch
+        """Iterations done (= ``global_step``)."""
+        return self.global_step
 
     # ------------------------------------------------------------------ runtime
     def setup(self, stage: Optional[str] = None) -> None:
@@ -177,6 +180,7 @@ class PreviewAlgorithm(L.LightningModule):
         torch.manual_seed((int(self.cfg.seed) * 1_000_003 + it) * 4099 + self.global_rank)
         K = self.draw_num_steps(it)
         stats = self.train_on(batch, K)
+        self.count_iteration(self.optimizers())
         self.data_position["batches"] += 1
         for scheduler in self._lr_schedulers():
             scheduler.step()
@@ -186,6 +190,8 @@ class PreviewAlgorithm(L.LightningModule):
         self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, on_step=True, prog_bar=False,
                       batch_size=batch["noise"].shape[0], rank_zero_only=True)
         self.log("reward", float(stats["reward_mean"]), prog_bar=True, on_step=True, rank_zero_only=True,
+                 batch_size=batch["noise"].shape[0])
+        self.log("K", float(K), prog_bar=True, logger=False, on_step=True, rank_zero_only=True,
                  batch_size=batch["noise"].shape[0])
         return None
 
@@ -210,19 +216,22 @@ class PreviewAlgorithm(L.LightningModule):
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, rank_zero_only=True)
         return bad
 
-    def skip_updates(self, optimizer, count: int = 1) -> None:
-        """Advance the step counter by ``count`` optimizer steps that change nothing: with every
-        gradient ``None``, the optimizer skips every parameter (and its moments), while Lightning
-        still counts the step, so ``max_steps`` and checkpoint intervals stay in iterations."""
-        for _ in range(count):
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
+    def count_iteration(self, optimizer) -> None:
+        """One Lightning-counted optimizer step that changes nothing (every gradient ``None``, so
+        the optimizer skips every parameter and its moments): ``global_step`` advances by exactly
+        one per iteration, whatever number of updates the algorithm made or skipped."""
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+
+    @staticmethod
+    def raw_optimizer(optimizer):
+        """The torch optimizer inside Lightning's wrapper: its steps are not counted by Lightning."""
+        return getattr(optimizer, "optimizer", optimizer)
 
     def apply_gradients(self, loss: torch.Tensor, optimizer) -> Optional[float]:
         """Backward, clip, step; the update is dropped if the loss or the gradient is not finite.
         Returns the gradient norm, or None when dropped."""
         if self.skip_if_not_finite("loss", loss):
-            self.skip_updates(optimizer)
             return None
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -232,9 +241,8 @@ class PreviewAlgorithm(L.LightningModule):
         if not bool(torch.isfinite(norm)):  # gradients are synced: every rank sees the same norm
             self.skipped_batches += 1
             logger.warning("iteration %d: non-finite gradient, update skipped", self.iteration)
-            self.skip_updates(optimizer)
             return None
-        optimizer.step()
+        self.raw_optimizer(optimizer).step()
         return float(norm)
 
     # ------------------------------------------------------------------ optimisation

@@ -83,7 +83,6 @@ class PolicyGradient(PreviewAlgorithm):
             roll, _ = self.rollout(data, num_steps, deterministic=False)
         reward = roll["next", "reward"][:, -1, 0]  # [N]
         if self.skip_if_not_finite("reward", reward):
-            self.skip_updates(self.optimizers(), self.updates_per_batch)
             return None
         steps = self._with_advantage(roll, reward.view(B, G))
         aux = None

@@ -2,8 +2,6 @@
 
 import importlib
 
-from consolver.backends.base import Backend, apply_guidance
-
 #: config name -> "module:class"; each backend is imported only when asked for.
 BACKENDS = {
     "toy": "consolver.backends.toy:ToyBackend",
@@ -21,7 +19,16 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_backend(cfg) -> Backend:
+def __getattr__(name):
+    # lazy: `consolver.backends.model_source` (error types the tools catch) must not import torch
+    if name in ("Backend", "apply_guidance"):
+        from consolver.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'consolver.backends' has no attribute {name!r}")
+
+
+def build_backend(cfg) -> "Backend":
     """The backend named by ``cfg.name`` (a :class:`~consolver.config.BackendConfig`)."""
     return backend_class(cfg.name).from_config(cfg)
 

@@ -24,6 +24,7 @@ writes them) or a hub id, from safetensors only (see :mod:`consolver.backends.mo
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -138,8 +139,8 @@ class SD15Backend(Backend):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         if self.device.type == "cpu" and self.torch_dtype == torch.float16:
-            logger.warning("sd15 backend: float16 weights on the CPU are slow; use backend.dtype=float32 or bfloat16 "
-                           "there, float16 on a GPU")
+            warnings.warn("sd15 backend: float16 weights on the CPU are slow; use backend.dtype=float32 or bfloat16 "
+                          "there, float16 on a GPU", stacklevel=2)
         self._uncond = self._embed([""])  # [1, L, D]: the unconditional branch, encoded once
         logger.info("sd15 backend: %s, %d px (latents %s), %s on %s, %s model, decode chunks of %d", self.model,
                     self.resolution, self.latent_shape, self.dtype, self.device, self.model_prediction_type,

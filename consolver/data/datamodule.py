@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter
 from typing import Any, Dict, Iterator, Optional, Sequence
 
@@ -143,8 +144,8 @@ class ShardDataModule(L.LightningDataModule):
         check_meta(meta, self.expected_meta, f"shards {urls[0]}")
         check_features(meta, self.reward_names, f"shards {urls[0]}")
         if meta.get("guidance") != float(self.cfg.guidance):
-            logger.warning("shards were made with guidance=%s, training uses guidance=%s", meta.get("guidance"),
-                           self.cfg.guidance)
+            warnings.warn(f"shards were made with guidance={meta.get('guidance')}, training uses guidance="
+                          f"{self.cfg.guidance}: the targets were solved with another guidance", stacklevel=2)
 
     def _world_size(self) -> int:
         if self.trainer is not None:
@@ -176,10 +177,11 @@ class ShardDataModule(L.LightningDataModule):
             self.train_set = ShardStream(self._spec(urls, train=True))
             readers = self._world_size() * max(1, data.num_workers)
             if not data.resampled and len(urls) < readers:
-                logger.warning("%d train shards for %d readers (ranks x workers): some read nothing; make more, "
-                               "smaller shards or use data.resampled", len(urls), readers)
+                warnings.warn(f"{len(urls)} train shards for {readers} readers (ranks x workers): some read nothing; "
+                              f"make more, smaller shards or use data.resampled", stacklevel=2)
             if not data.resampled and self._world_size() > 1:
-                logger.warning("DDP without data.resampled: ranks may get different batch counts")
+                warnings.warn("DDP without data.resampled: ranks may get different batch counts; set "
+                              "data.resampled=true and data.epoch_length", stacklevel=2)
         if self.val_set is None and data.val_shards:
             urls = expand_shards(data.val_shards, "data.val_shards")
             self._check(urls)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -303,7 +304,8 @@ def make_shards(
 
         reward = build_rewards(cfg.rewards).to(backend.device)
     if reward is None:
-        logger.warning("no rewards configured: the shards cache no target features, so training must compute them")
+        warnings.warn("no rewards configured: the shards cache no target features, so training cannot use them "
+                      "(configure rewards: before making shards)", stacklevel=2)
     prompts = load_prompts(cfg.data, backend)
     check_prompts(backend, prompts, cfg.data.prompts)  # before dataset.json: fixing a prompt must not be "another config"
     plan = plan_for(cfg)

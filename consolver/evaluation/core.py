@@ -256,12 +256,11 @@ def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_n
     rows = []
     for name, scheduler in list(solvers.items()) + list(baselines.items()):
         kind = "ours" if name in solvers else "baseline"
-        _check_schedule(name, scheduler, backend, notes)
+        check_schedule_match(name, scheduler, backend)
         skipped = missing_num_steps(scheduler, num_steps)
         if skipped:
             note = (f"{name}: no coefficient table for K={', '.join(map(str, skipped))} (it has K in "
                     f"{list(scheduler.available_num_steps)}); skipped")
-            logger.warning(note)
             notes.append(note)
         for K in num_steps:
             if int(K) not in skipped:
@@ -273,21 +272,37 @@ def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_n
                     row[key] = float(values.mean())
                     row[f"{key}_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
                 rows.append(row)
-                logger.info("%s K=%d: %s", name, K, ", ".join(f"{k}={v:.3f}" for k, v in row.items()
+                logger.debug("%s K=%d: %s", name, K, ", ".join(f"{k}={v:.3f}" for k, v in row.items()
                                                                if k in metrics))
             if on_progress is not None:
                 on_progress(name, int(K))
     return rows
 
 
-def _check_schedule(name: str, scheduler, backend, notes: List[str]) -> None:
-    """Warn when a solver's configured schedule kind differs from the backend's."""
-    kind = getattr(getattr(scheduler, "config", None), "schedule", None)
-    if kind is not None and kind != backend.schedule.kind:
-        note = f"{name}: scheduler schedule {kind!r} differs from the backend's {backend.schedule.kind!r}"
-        logger.warning(note)
-        notes.append(note)
+#: Scheduler config keys that fix the noise levels (besides the VP/flow kind).
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "shift", "use_dynamic_shifting",
+                 "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+
+
+def check_schedule_match(name: str, scheduler, backend, config: str = "the config") -> None:
+    """Raise ``ValueError`` when a solver was trained for another schedule than the backend's
+    (e.g. a flow-matching toy_edit solver evaluated with a VP toy_depth config): its tables would
+    be applied to other noise levels, or the solve fails far from the cause."""
+    sc = getattr(scheduler, "config", None)
+    kind = getattr(sc, "schedule", None)
+    if sc is None or kind is None:
+        return
+    ours = backend.schedule.diffusers_config()
+    differ = [] if kind == backend.schedule.kind else [f"schedule: {kind!r} vs {backend.schedule.kind!r}"]
+    if not differ:
+        differ = [f"{k}: {sc[k]!r} vs {ours[k]!r}" for k in SCHEDULE_KEYS
+                  if k in ours and k in sc and sc[k] != ours[k] and not (
+                      isinstance(ours[k], float) and abs(float(sc[k]) - ours[k]) <= 1e-9 * max(1.0, abs(ours[k])))]
+    if differ:
+        raise ValueError(f"solver {name!r} and {config} belong to different schedules ({'; '.join(differ)}, solver vs "
+                         f"backend {getattr(backend, 'name', '?')!r}): evaluate a solver with the config it was "
+                         f"trained with (its run's config.yaml)")
 
 
 __all__ = ["EVAL_SEED_OFFSET", "EvalSet", "eval_prompts", "evaluate", "evaluate_scheduler", "make_eval_set",
-           "missing_num_steps", "reward_feature_names", "score_latents", "solve"]
+           "check_schedule_match", "missing_num_steps", "reward_feature_names", "score_latents", "solve"]

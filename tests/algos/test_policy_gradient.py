@@ -31,8 +31,9 @@ def test_every_algorithm_trains_its_parameters(tmp_path, algo):
     result = fit(cfg, runtime=runtime())
     module = result.module
     updates = {"ppo-gae": 4, "ppo-kl": 2, "rloo": 1, "distill": 1}[algo]  # rloo: always one epoch
-    assert module.updates_per_batch == updates and result.trainer.global_step == 3 * updates
+    assert module.updates_per_batch == updates and result.trainer.global_step == 3  # iterations, whatever the updates
     head = module.actor.module[0].module
+    assert int(result.trainer.optimizers[0].state[head.mean]["step"]) == 3 * updates  # every update was applied
     assert head.mean.abs().max() > 0, "the policy did not move"
     metrics = result.trainer.logged_metrics
     assert float(metrics["train/lr"]) < 0.5 * cfg.algo.lr  # the cosine schedule is really stepped
