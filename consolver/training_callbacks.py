@@ -40,6 +40,7 @@ class RunCheckpoint(Callback):
         self.dirpath, self.every = Path(dirpath), int(every)
         self.stop_reason: Optional[str] = None  # set by request_stop (a signal handler)
         self.stopped_at: Optional[int] = None  # the iteration an interrupted run stopped after
+        self.signal_handlers: dict = {}  # installed by stop_on_signals; re-installed when training starts
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to save ``last.ckpt`` and stop after the current iteration (signal-safe)."""
@@ -54,6 +55,12 @@ class RunCheckpoint(Callback):
             os.replace(tmp, path)
         trainer.strategy.barrier("consolver_checkpoint")
         return path
+
+    def on_train_start(self, trainer, module) -> None:
+        # Lightning's own SIGTERM handler (installed by trainer.fit) ends the run with an exception
+        # after the current batch, so nothing is exported: ours takes over while training runs
+        for sig, handler in self.signal_handlers.items():
+            signal.signal(sig, handler)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         it = trainer.global_step
@@ -97,9 +104,11 @@ def stop_on_signals(checkpoint: RunCheckpoint, signals=(signal.SIGINT, signal.SI
 
     for sig in signals:
         signal.signal(sig, handler)
+    checkpoint.signal_handlers = {sig: handler for sig in signals}
     try:
         yield
     finally:
+        checkpoint.signal_handlers = {}
         for sig, old in previous.items():
             signal.signal(sig, old)
 
