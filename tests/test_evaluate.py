@@ -132,12 +132,14 @@ def run_tool(*args, cwd=ROOT):
 
 def test_tool_end_to_end(tmp_path):
     solver = save_ddim_tables(tmp_path / "run" / "scheduler", [3])
-    out = tmp_path / "eval"
-    proc = run_tool(solver, "--config", CONFIG, "--num-noises", 2, "--steps", "3,4", "--out", out,
+    out = tmp_path / "run" / "eval"  # the default: beside the solver, never the config's output_dir
+    proc = run_tool(solver, "--config", CONFIG, "--num-noises", 2, "--steps", "3,4",
                     "--baselines", "ddim,dpm", "--no-progress", "--threads", 1, "reference.num_steps=10",
-                    "backend.toy.renders_per_prompt=8")
+                    "backend.toy.renders_per_prompt=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps saved by ConsistencySolver (toy_depth" in proc.stdout and "note: ConsistencySolver" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("no coefficient table for K=4") == 1  # said once
+    assert not (tmp_path / "outputs").exists()
     with open(out / "eval.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["solver"], r["K"]) for r in rows] == [("ConsistencySolver", "3"), ("DDIM", "3"), ("DDIM", "4"),
@@ -169,3 +171,51 @@ def test_tool_argument_parsing():
     assert solvers == {"ConsistencySolver": Path("runs/a/scheduler"), "b": Path("runs/b/scheduler"),
                        "c": Path("runs/c/scheduler")}
     assert overrides == ["guidance=2", "solver.order=3"]
+
+
+def test_no_model_decode_or_reward_call_sees_more_rows_than_configured(world):
+    """Solves, decodes and reward calls of an eval set run data.solve_batch_size samples at a time,
+    whatever the number of samples (evaluate, evaluate_scheduler and the training monitor alike)."""
+    cfg, backend, reward, _ = world
+    small = load_config(CONFIG, ["data.solve_batch_size=3", "reference.num_steps=6"])
+    rows = {"predict": [], "decode": [], "reward": []}
+    originals = (backend.predict, backend.decode, reward.score)
+
+    def predict(x, t, cond, guidance):
+        rows["predict"].append(x.shape[0])
+        return originals[0](x, t, cond, guidance)
+
+    def decode(latents):
+        rows["decode"].append(latents.shape[0])
+        return originals[1](latents)
+
+    def score(images, features):
+        rows["reward"].append(images.shape[0])
+        return originals[2](images, features)
+
+    backend.predict, backend.decode, reward.score = predict, decode, score
+    try:
+        eval_set = make_eval_set(small, backend, reward, 4)  # 16 samples
+        evaluate(small, {}, [3], 4, backend=backend, reward=reward, eval_set=eval_set,
+                 baselines=baseline_schedulers(small, backend, names=["ddim"]))
+        evaluate_scheduler(eval_set, backend, baseline_schedulers(small, backend, names=["ddim"])["DDIM"], 4, reward,
+                           ["toy_depth"])
+    finally:
+        del backend.predict, backend.decode, reward.score
+    assert len(eval_set) == 16
+    for name, seen in rows.items():
+        assert seen and max(seen) == 3, (name, seen)
+
+
+def test_a_solver_of_another_schedule_is_a_clear_error(world, tmp_path):
+    from consolver.evaluation import check_schedule_match
+
+    cfg, backend, reward, eval_set = world
+    flow = ConsistencySolverScheduler(schedule="flow", use_dynamic_shifting=True, solver_order=2)
+    with pytest.raises(ValueError, match="different schedules.*flow.*vp.*config.yaml"):
+        check_schedule_match("ConsistencySolver", flow, backend, "--config conf/toy_depth.yaml")
+    check_schedule_match("ours", ConsistencySolverScheduler.from_pretrained(str(save_ddim_tables(tmp_path / "s", [3]))),
+                         backend)  # the same schedule passes
+    other_betas = ConsistencySolverScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        check_schedule_match("ours", other_betas, backend)

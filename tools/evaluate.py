@@ -11,8 +11,10 @@ baselines alone are evaluated. Baselines: DDIM, DPM-Solver++ 2M, UniPC, DEIS (la
 the others), Adams-Bashforth 2 in rho and iPNDM of order min(solver.order, 4).
 
 Writes ``eval.md`` (tables, "steps saved"), ``eval.csv`` (one row per solver and K, means and
-standard errors) and ``eval.png`` (quality against NFE) into ``--out`` (default
-``<output_dir>/eval``). Targets: ``reference.num_steps`` of ``reference.solver``; noise seeds
+standard errors) and ``eval.png`` (quality against NFE) into ``--out`` (default: ``eval/`` beside
+the first solver directory, i.e. ``<run>/eval`` for ``<run>/scheduler``; with no solver
+``<output_dir>/eval``). Solves, decodes and reward calls run ``--batch-size`` samples at a time
+(default ``data.solve_batch_size``), so memory stays bounded for any number of samples. Targets: ``reference.num_steps`` of ``reference.solver``; noise seeds
 from ``data.seed + EVAL_SEED_OFFSET`` (never a training noise).
 """
 
@@ -27,12 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from consolver.config import Config, ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
 OURS = "ConsistencySolver"
@@ -57,6 +54,8 @@ def parse_steps(text: str) -> list[int]:
 
 def split_positionals(items: list[str]) -> tuple[dict[str, Path], list[str]]:
     """``(solvers {name: dir}, overrides)`` from the positional arguments."""
+    from consolver.config import Config
+
     top_level = {f.name for f in dataclasses.fields(Config)}
     solvers: dict[str, Path] = {}
     overrides: list[str] = []
@@ -96,6 +95,14 @@ def load_solver(name: str, path: Path):
     return ConsistencySolverScheduler.from_pretrained(str(path))
 
 
+def default_out(solver_dirs: dict[str, Path], cfg) -> Path:
+    """``eval/`` beside the first solver directory (``<run>/scheduler`` -> ``<run>/eval``); with no
+    solver, ``<output_dir>/eval``."""
+    if solver_dirs:
+        return next(iter(solver_dirs.values())).resolve().parent / "eval"
+    return Path(cfg.output_dir) / "eval"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", metavar="SCHEDULER_DIR|NAME=DIR|key=value",
@@ -103,20 +110,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: conf/toy_depth.yaml)")
     parser.add_argument("--num-noises", type=int, default=128, help="fresh noises per held-out prompt (default 128)")
     parser.add_argument("--steps", default="3-12", help="K values = NFE, e.g. 3-12 or 3,4,8 (default 3-12)")
-    parser.add_argument("--out", default=None, help="output folder (default: <output_dir>/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: eval/ beside the first solver directory, else <output_dir>/eval)")
     parser.add_argument("--baselines", default=None,
                         help="comma-separated baseline names or prefixes (e.g. ddim,dpm,unipc), or 'none'; default all")
     parser.add_argument("--metric", default=None, help="quality metric of the plot and 'steps saved' (default: first reward)")
     parser.add_argument("--seed", type=int, default=None, help="noise base seed (default: data.seed + EVAL_SEED_OFFSET)")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per solve (default: all at once; reference solves: data.solve_batch_size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples per model call, decode and reward call (default: data.solve_batch_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="show every library's log lines and warnings")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from consolver.console import setup_console
+
+    setup_console("evaluate", args.verbose)
+    from consolver.config import load_config
+
     start = time.perf_counter()
     solver_dirs, overrides = split_positionals(args.items)
     steps = parse_steps(args.steps)
@@ -128,15 +142,18 @@ def main(argv=None) -> dict:
     solvers = {name: load_solver(name, path) for name, path in solver_dirs.items()}
 
     import torch
+    from tqdm import tqdm
 
     from consolver.backends import build_backend
-    from consolver.evaluation import (STEPS_SAVED_BASELINE, baseline_schedulers, evaluate, learned_solver_markdown,
-                                      make_eval_set, steps_saved_line, write_report)
+    from consolver.evaluation import (STEPS_SAVED_BASELINE, baseline_schedulers, check_schedule_match, evaluate,
+                                      learned_solver_markdown, make_eval_set, steps_saved_line, write_report)
     from consolver.rewards import build_rewards
 
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = build_backend(cfg.backend)
+    for name, scheduler in solvers.items():  # before the reference solves: a mismatch fails fast
+        check_schedule_match(name, scheduler, backend, f"--config {args.config}")
     reward = build_rewards(cfg.rewards).to(backend.device) if cfg.rewards else None
     names = None if args.baselines is None else [n for n in args.baselines.split(",") if n.strip() and n != "none"]
     baselines = baseline_schedulers(cfg, backend, names=names)
@@ -153,15 +170,14 @@ def main(argv=None) -> dict:
         bar.update(1)
 
     try:
-        with logging_redirect_tqdm():  # log lines above the bar, not through it
-            rows = evaluate(cfg, solvers, steps, args.num_noises, backend=backend, reward=reward, eval_set=eval_set,
-                            baselines=baselines, batch_size=args.batch_size, notes=notes, on_progress=progress)
+        rows = evaluate(cfg, solvers, steps, args.num_noises, backend=backend, reward=reward, eval_set=eval_set,
+                        baselines=baselines, batch_size=args.batch_size, notes=notes, on_progress=progress)
     finally:
         bar.close()
     if not rows:
         raise ValueError("nothing was evaluated: " + "; ".join(notes))
     seconds = time.perf_counter() - start
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / "eval"
+    out = Path(args.out) if args.out else default_out(solver_dirs, cfg)
     header = "\n".join([
         "# Evaluation: previews against full-step targets", "",
         f"`{shlex.join(['python', 'tools/evaluate.py', *(argv if argv is not None else sys.argv[1:])])}`", "",
@@ -187,5 +203,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, ConfigError) as err:  # bad paths, config or K: one line, not a traceback
+    except (ValueError, OSError) as err:  # bad paths, config (ConfigError is a ValueError) or K: one line
         sys.exit(f"evaluate: error: {err}")

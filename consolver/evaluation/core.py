@@ -51,6 +51,8 @@ class EvalSet:
         prompt_index: ``[B]`` long (toy: index into the backend's component bank) or ``None``.
         guidance: classifier-free guidance of targets and previews alike.
         seeds: ``[B]`` noise seeds; ``base_seed`` the base they were drawn from.
+        batch_size: samples per model call, decode and reward call when a function is given no
+            batch size (``data.solve_batch_size``): memory stays bounded for any number of samples.
     """
 
     prompts: List[str]
@@ -63,6 +65,7 @@ class EvalSet:
     guidance: float = 1.0
     seeds: List[int] = field(default_factory=list)
     base_seed: Optional[int] = None
+    batch_size: int = 16
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
@@ -122,7 +125,8 @@ def make_eval_set(cfg, backend, reward, num_noises: int, seed: Optional[int] = N
         num_noises: N noises per prompt; ``B = P x N``.
         seed: noise base seed; default ``cfg.data.seed + EVAL_SEED_OFFSET``.
         prompts: prompt texts (or ``PromptRecord`` s) instead of :func:`eval_prompts`.
-        batch_size: samples per reference solve (default ``cfg.data.solve_batch_size``).
+        batch_size: samples per reference solve, decode and reward call, and the eval set's default
+            for previews and scoring (default ``cfg.data.solve_batch_size``).
     """
     if num_noises < 1:
         raise ValueError(f"num_noises must be >= 1, got {num_noises}")
@@ -157,7 +161,8 @@ def make_eval_set(cfg, backend, reward, num_noises: int, seed: Optional[int] = N
             features = {names[0]: torch.cat(parts)}
     prompt_index = cond["prompt_index"] if "prompt_index" in cond.keys() else None
     return EvalSet(prompts=texts, cond=cond, noise=noise, target_latent=target, target_image=images,
-                   features=features, prompt_index=prompt_index, guidance=guidance, seeds=seeds, base_seed=base_seed)
+                   features=features, prompt_index=prompt_index, guidance=guidance, seeds=seeds, base_seed=base_seed,
+                   batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -182,7 +187,7 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
     def put(key, value):
         out.setdefault(key, []).append(value.detach().float().cpu())
 
-    for s in _batches(len(eval_set), batch_size):
+    for s in _batches(len(eval_set), batch_size or eval_set.batch_size):
         images = backend.decode(latents[s])
         if isinstance(reward, CompositeReward):
             total = None
@@ -206,7 +211,7 @@ def solve(eval_set: EvalSet, backend, scheduler, num_steps: int, batch_size: Opt
     """Previews ``[B, *latent_shape]``: ``scheduler`` in ``num_steps`` model evaluations from
     ``eval_set.noise``. A learned solver without a table for ``num_steps`` raises ``ValueError``."""
     return torch.cat([sample(backend, scheduler, eval_set.noise[s], eval_set.cond[s], eval_set.guidance, int(num_steps))
-                      for s in _batches(len(eval_set), batch_size)])
+                      for s in _batches(len(eval_set), batch_size or eval_set.batch_size)])
 
 
 def evaluate_scheduler(eval_set: EvalSet, backend, scheduler, num_steps: int, reward,
