@@ -178,6 +178,9 @@ class DiffusersModelBackend(Backend):
     """
 
     name = NAME
+    #: ``predict`` refuses non-integer timesteps (the model was trained on integers); ``False`` only
+    #: for finite-difference checks of d(model)/dt at real t.
+    integer_timesteps = True
 
     def __init__(self, model: str, resolution: Optional[int] = None, dtype: str = "float32",
                  device: str | torch.device = "auto", decode_chunk: int = 8, null_class: Optional[int] = None,
@@ -325,7 +328,8 @@ class DiffusersModelBackend(Backend):
         labels = cond["class_labels"].to(self.device)
         if labels.shape[0] != B:
             raise ValueError(f"cond has batch {labels.shape[0]} but x has batch {B}")
-        steps = vp_model_timesteps(t, B, self.schedule.num_train_timesteps, self.device)
+        steps = vp_model_timesteps(t, B, self.schedule.num_train_timesteps, self.device,
+                                   self.integer_timesteps)
         sample = x.to(self.device, self.torch_dtype)
         if not self.conditional:
             if guidance != 1.0 and not self._warned_guidance:

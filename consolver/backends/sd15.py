@@ -112,6 +112,9 @@ class SD15Backend(Backend):
     """
 
     name = "sd15"
+    #: ``predict`` refuses non-integer timesteps (the UNet was trained on integers); ``False`` only
+    #: for finite-difference checks of d(model)/dt at real t.
+    integer_timesteps = True
 
     def __init__(self, model: str, resolution: int = 512, dtype: str = "float32", device: str | torch.device = "auto",
                  decode_chunk: int = 8, components: Optional[dict[str, Any]] = None):
@@ -192,7 +195,8 @@ class SD15Backend(Backend):
         embeds = cond["prompt_embeds"].to(self.device)
         if embeds.shape[0] != B:
             raise ValueError(f"cond has batch {embeds.shape[0]} but x has batch {B}")
-        steps = vp_model_timesteps(t, B, self.schedule.num_train_timesteps, self.device)  # float, keeps t's grad
+        steps = vp_model_timesteps(t, B, self.schedule.num_train_timesteps, self.device,
+                                   self.integer_timesteps)  # float, keeps t's grad
         sample = x.to(self.device, self.torch_dtype)
         if guidance != 1.0:
             sample = torch.cat([sample, sample])

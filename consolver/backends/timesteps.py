@@ -13,11 +13,13 @@ from __future__ import annotations
 import torch
 
 
-def vp_model_timesteps(t, batch: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+def vp_model_timesteps(t, batch: int, num_train_timesteps: int, device: torch.device,
+                       integer: bool = True) -> torch.Tensor:
     """Timesteps ``[batch]`` float32 on ``device`` from ``t`` (a number, a scalar tensor or ``[batch]``;
     integer values in ``[0, T-1]``, scheduler units), differentiable in ``t`` when it is a float
     tensor that requires grad. ``ValueError`` for a wrong shape or a value outside the integers of
-    ``[0, T-1]`` (checked on a detached copy)."""
+    ``[0, T-1]`` (checked on a detached copy). ``integer=False`` admits real values in ``[0, T-1]``
+    (a backend's ``integer_timesteps = False``: finite-difference checks of ``d(model)/dt``)."""
     t = torch.as_tensor(t)
     if not t.is_floating_point():
         t = t.to(torch.float64)
@@ -28,8 +30,10 @@ def vp_model_timesteps(t, batch: int, num_train_timesteps: int, device: torch.de
         raise ValueError(f"timesteps must be a scalar or [B={batch}], got shape {tuple(t.shape)}")
     values = t.detach().to("cpu", torch.float64)
     T = int(num_train_timesteps)
-    if bool(((values < 0) | (values > T - 1) | (values != values.round())).any()):
-        raise ValueError(f"VP timesteps must be integers in [0, {T - 1}], got {values.tolist()}")
+    off_grid = (values != values.round()) if integer else torch.zeros_like(values, dtype=torch.bool)
+    if bool(((values < 0) | (values > T - 1) | off_grid).any()):
+        kind = "integers" if integer else "values"
+        raise ValueError(f"VP timesteps must be {kind} in [0, {T - 1}], got {values.tolist()}")
     return t.to(device, torch.float32)
 
 
