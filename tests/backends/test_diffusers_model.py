@@ -282,3 +282,116 @@ def test_null_class_outside_the_embedding_is_refused(dirs):
         DiffusersModelBackend(str(dirs["classes"]), device="cpu", null_class=2)
     with pytest.raises(ValueError, match=r"unconditional UNet2DModel"):
         DiffusersModelBackend(str(dirs["ddpm"]), device="cpu", null_class=0)
+
+
+# ---------------------------------------------------------------- learned grids: d(preview)/d(grid logits)
+
+def grid_preview_loss(backend, cond, x0, logits, guidance, weights, integer=True):
+    """A fixed scalar of the K-step preview (AB2 after the first step) solved on the grid of
+    ``logits [K-1]`` (float64) by :class:`~consolver.solvers.batched.GridSolve`, exactly as the
+    training environment solves a learned grid; ``integer=False`` keeps the positions real (no
+    straight-through rounding) so the function is smooth and a finite difference is its derivative."""
+    from consolver.algos.base import solver_scheduler
+    from consolver.solvers.batched import GridSolve
+
+    scheduler = solver_scheduler(load_config(None, ["solver.order=2"]), backend.schedule)
+    solve = GridSolve(scheduler)
+    solve.integer = integer
+    K, N = logits.shape[0] + 1, x0.shape[0]
+    t = solve.start(K, float(scheduler.step_positions(K)[0]), N, x0.device)
+    x = x0
+    for i in range(K):
+        w = torch.tensor([1.0, 0.0] if i == 0 else [1.5, -0.5]).expand(N, 2)
+        z = logits[i].expand(N) if i < K - 1 else torch.zeros(N, dtype=torch.float64)
+        x, t = solve.step(x, backend.predict(x, t, cond, guidance), w, z)
+    return (x * weights).sum()
+
+
+def start_logits(backend, K=3):
+    from consolver.solvers.grid import logits_from_grid
+
+    trailing = np.append(backend.schedule.timesteps(K, "trailing"), -1)
+    return logits_from_grid(trailing, 1.0) + 0.3
+
+
+def check_grid_gradient(backend, prompts, guidance, h=2e-3, tolerance=0.05):
+    """Autograd d(loss)/d(logits) through the backend (t differentiable) equals a finite difference
+    (4-point central stencil; the real-valued solve, see :func:`grid_preview_loss`), and differs
+    from the gradient with t detached at the model, so d(model)/dt is what makes them agree.
+    Returns ``(error, error with t detached at the model)``, relative to the finite difference."""
+    x0 = torch.randn(len(prompts), *backend.latent_shape, generator=torch.Generator().manual_seed(7))
+    weights = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8))
+    cond = backend.encode(prompts)
+    # the tiny model's time embedding matters: d(output)/dt is not zero
+    t = torch.tensor([400.0] * len(prompts), requires_grad=True)
+    (dt,) = torch.autograd.grad((backend.predict(x0, t, cond, guidance) * weights).sum(), t)
+    assert float(dt.abs().min()) > 1e-6, dt
+    loss = lambda z: grid_preview_loss(backend, cond, x0, z, guidance, weights, integer=False)  # noqa: E731
+    backend.integer_timesteps = False
+    try:
+        z = start_logits(backend).requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(z), z)
+        fd = torch.zeros_like(grad)
+        with torch.no_grad():
+            for j in range(len(z)):
+                e = torch.zeros_like(z)
+                e[j] = h
+                fd[j] = (8 * (loss(z + e) - loss(z - e)) - (loss(z + 2 * e) - loss(z - 2 * e))) / (12 * h)
+        original = backend.predict
+        backend.predict = lambda x, t, c, g: original(x, torch.as_tensor(t).detach(), c, g)
+        try:
+            (schedule_only,) = torch.autograd.grad(loss(z), z)
+        finally:
+            del backend.predict
+    finally:
+        backend.integer_timesteps = True
+    error = float((grad - fd).norm() / fd.norm())
+    without_model_t = float((schedule_only - fd).norm() / fd.norm())
+    assert error < tolerance, (grad, fd)
+    assert without_model_t > 4 * max(error, tolerance / 2), (schedule_only, grad, fd)
+    # the straight-through rounded solve (what training runs) also reaches the model's time embedding
+    z = start_logits(backend).requires_grad_(True)
+    (st,) = torch.autograd.grad(grid_preview_loss(backend, cond, x0, z, guidance, weights), z)
+    assert torch.isfinite(st).all() and float(st.abs().min()) > 0
+    return error, without_model_t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,prompts,guidance", [
+    ("ddpm", ["none", "none"], 1.0), ("classes", ["red circle", "blue square"], 2.0),
+    ("dit", ["tabby cat", "green triangle"], 1.5)])
+def test_grid_gradient_through_the_diffusers_backend_matches_finite_differences(backends, name, prompts, guidance):
+    check_grid_gradient(backends[name], prompts, guidance)
+
+
+@pytest.fixture(scope="module")
+def sd15_backend(tmp_path_factory):
+    from diffusers import PNDMScheduler
+
+    from consolver.backends.sd15 import SD15Backend
+    from tests.tiny_models import tiny_sd_pipeline
+
+    tmp = tmp_path_factory.mktemp("sd15_grad")
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                              skip_prk_steps=True, steps_offset=1)
+    tiny_sd_pipeline(tmp / "build", scheduler).save_pretrained(tmp / "pipe", safe_serialization=True)
+    return SD15Backend(str(tmp / "pipe"), resolution=32, device="cpu")
+
+
+@pytest.mark.slow
+def test_grid_gradient_through_the_sd15_backend_matches_finite_differences(sd15_backend):
+    check_grid_gradient(sd15_backend, ["a red apple", "a dog"], 3.0, h=1e-3)
+
+
+def test_sd15_v_prediction_conversion_is_differentiable_in_t(sd15_backend):
+    """eps = s(t) x + a(t) v: the noise levels take t's gradient too (continuous schedule)."""
+    from consolver.backends.timesteps import epsilon_from
+
+    x = torch.randn(2, 4, 4, 4)
+    v = torch.randn(2, 4, 4, 4)
+    t = torch.tensor([300.0, 301.0], requires_grad=True)
+    out = epsilon_from("v_prediction", v, x, t, sd15_backend.schedule)
+    a, s = sd15_backend.schedule.alpha_sigma(torch.tensor([300, 301]))
+    torch.testing.assert_close(out, s.float().view(2, 1, 1, 1) * x + a.float().view(2, 1, 1, 1) * v)
+    (g,) = torch.autograd.grad(out.sum(), t)
+    assert float(g.abs().min()) > 0
