@@ -395,3 +395,100 @@ def test_sd15_v_prediction_conversion_is_differentiable_in_t(sd15_backend):
     torch.testing.assert_close(out, s.float().view(2, 1, 1, 1) * x + a.float().view(2, 1, 1, 1) * v)
     (g,) = torch.autograd.grad(out.sum(), t)
     assert float(g.abs().min()) > 0
+
+
+# ---------------------------------------------------------------- make_shards -> fit -> export -> the model's pipeline
+
+def fit_config(base, model_dir, tmp_path, *overrides):
+    """A shipped config pointed at a tiny pipeline directory, CPU-sized: 3 distill iterations
+    learning K=3's coefficients and step grid."""
+    return load_config(ROOT / "conf" / base, [
+        f"backend.model={model_dir}", "backend.resolution=" + ("8" if "cifar" in base else "16"), "backend.dtype=float32",
+        "backend.device=cpu", "backend.decode_chunk=3", "rewards=[{name: pixel_psnr}]", "reference.num_steps=6",
+        "solver.num_steps=[3]", "solver.learn_timesteps=true", "data.num_samples=4", "data.samples_per_shard=4",
+        "data.solve_batch_size=4", "data.batch_size=2", "data.shuffle_buffer=0", "data.num_workers=0",
+        f"data.shard_dir={tmp_path / 'shards'}", "algo.name=distill", "algo.lr=0.3", "trainer.max_steps=3",
+        "trainer.eval_every=0", "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
+        "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.num_threads=0", f"output_dir={tmp_path / 'run'}",
+        *overrides])
+
+
+def make_fit_export(cfg):
+    from consolver.data.writer import make_shards
+    from consolver.scheduler import ConsistencySolverScheduler
+    from consolver.train import fit
+
+    summary = make_shards(cfg)
+    torch.manual_seed(0)
+    result = fit(cfg)
+    assert summary["made"] == [0] and result.scheduler_dir.is_dir()
+    loaded = ConsistencySolverScheduler.from_pretrained(result.scheduler_dir)
+    assert loaded.available_num_steps == [3] and loaded.config.prediction_type == "epsilon"
+    grid = loaded.step_grids[3].tolist()
+    table = np.asarray(loaded.config.coefficient_tables["3"])
+    assert grid != [999, 666, 333], grid  # trailing: training moved the grid ...
+    assert np.abs(table - loaded.base_table(3)).max() > 1e-3  # ... and the coefficients
+    return result.module, loaded, grid
+
+
+def training_preview(module, prompts, noise, num_steps=3):
+    """Decoded images ``[B, 3, H, W]`` of the training module's mode rollout (its training-time preview)."""
+    backend, reward = module.runtime["backend"], module.runtime["reward"]
+    batch = {"prompt": prompts, "noise": noise, "target_latent": noise,
+             "features": {"pixel_psnr": reward.features(backend.decode(noise))}}
+    with torch.no_grad():
+        _, env = module.rollout(module.reset_input(batch, num_steps), num_steps, deterministic=True)
+        return backend.decode(env.final_latents)
+
+
+def record_timesteps(model):
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        float(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).reshape(-1)[0])), with_kwargs=True)
+    return seen
+
+
+@pytest.mark.slow
+def test_make_shards_fit_export_into_ddpm_pipeline(dirs, tmp_path):
+    """conf/cifar10_ddpm.yaml on the tiny unconditional UNet: the exported scheduler (learned grid
+    and table), loaded with from_pretrained into DDPMPipeline, reproduces the training preview."""
+    from diffusers import DDPMPipeline
+
+    cfg = fit_config("cifar10_ddpm.yaml", dirs["ddpm"], tmp_path)
+    assert cfg.data.prompts is None and cfg.guidance == 1.0  # the backend's own condition list: ["none"]
+    module, loaded, grid = make_fit_export(cfg)
+    assert isinstance(module.runtime["backend"], DiffusersModelBackend)
+
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))  # = DDPMPipeline's randn_tensor
+    preview = training_preview(module, ["none", "none"], noise)
+    pipe = DDPMPipeline.from_pretrained(dirs["ddpm"], scheduler=loaded)
+    pipe.set_progress_bar_config(disable=True)
+    seen = record_timesteps(pipe.unet)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(11), num_inference_steps=3, output_type="np")
+    assert seen == grid
+    torch.testing.assert_close(torch.from_numpy(out.images), preview.permute(0, 2, 3, 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_make_shards_fit_export_into_dit_pipeline(dirs, tmp_path):
+    """conf/dit_imagenet256.yaml on the tiny DiT with class names from a prompts file: the exported
+    scheduler inside DiTPipeline (doubled batch, null class 1000, guidance on the epsilon half)
+    reproduces the training preview's decoded images."""
+    from diffusers import DiTPipeline
+
+    prompts = tmp_path / "classes.txt"
+    prompts.write_text("red circle\ntabby\n2\n")
+    cfg = fit_config("dit_imagenet256.yaml", dirs["dit"], tmp_path, f"data.prompts={prompts}")
+    assert cfg.guidance == 1.5
+    module, loaded, grid = make_fit_export(cfg)
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(12))  # = DiTPipeline's randn_tensor
+    preview = training_preview(module, ["crimson disc", "tabby cat"], noise)
+    pipe = DiTPipeline.from_pretrained(dirs["dit"], scheduler=loaded)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.get_label_ids(["crimson disc", "tabby cat"]) == [0, 3]  # the same id2label, read by diffusers
+    seen = record_timesteps(pipe.transformer)
+    out = pipe(class_labels=[0, 3], guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(12),
+               num_inference_steps=3, output_type="pt")
+    assert seen == grid
+    torch.testing.assert_close(out.images, preview, rtol=0, atol=1e-5)
