@@ -8,8 +8,9 @@ A prompt is one of:
 - a class id written as digits (``"207"``);
 - a class name from the pipeline's ``id2label`` (``{"207": "golden retriever", ...}``; a value may
   list comma-separated synonyms, as DiT's ImageNet labels do, and each synonym names the class,
-  as in ``DiTPipeline.get_label_ids``) or its ``labels`` mapping (``{"golden retriever": 207}``),
-  both read from ``model_index.json``. Exact match first, then case-insensitive.
+  as in ``DiTPipeline.get_label_ids``; the whole value does too) or its ``labels`` mapping
+  (``{"golden retriever": 207}``, never split), both read from ``model_index.json``. Exact match
+  first, then case-insensitive.
 
 Anything else is a ``ValueError`` listing the closest and some valid names.
 """
@@ -25,23 +26,30 @@ UNCONDITIONAL_PROMPTS = ("none", "unconditional", "")
 
 def label_map(model_index: Mapping) -> dict[str, int]:
     """``{name: class id}`` from a pipeline's ``model_index.json``: every comma-separated synonym
-    of ``id2label`` values, then ``labels`` entries (which win on a clash)."""
+    of ``id2label`` values and each whole value (so a name that contains a comma still names its
+    class), then ``labels`` entries (which win on a clash). Names that spell the unconditional
+    condition (``none``, ``unconditional``, empty) are left out: they mean the null class."""
     labels: dict[str, int] = {}
     for key, value in (model_index.get("id2label") or {}).items():
-        for name in str(value).split(","):
-            if name.strip():
+        for name in [*str(value).split(","), str(value)]:
+            if name.strip().lower() not in UNCONDITIONAL_PROMPTS:
                 labels.setdefault(name.strip(), int(key))
     for name, key in (model_index.get("labels") or {}).items():
-        labels[str(name).strip()] = int(key)
+        if str(name).strip().lower() not in UNCONDITIONAL_PROMPTS:
+            labels[str(name).strip()] = int(key)
     return labels
 
 
 def first_names(model_index: Mapping) -> list[str]:
-    """The first synonym of every ``id2label`` entry, in class-id order (or the ``labels`` names)."""
-    id2label = model_index.get("id2label") or {}
-    if id2label:
-        return [str(id2label[k]).split(",")[0].strip() for k in sorted(id2label, key=int)]
-    return sorted((model_index.get("labels") or {}), key=lambda n: int(model_index["labels"][n]))
+    """One name per labelled class, in class-id order: the ``labels`` names when the index has
+    them, else the first synonym of every ``id2label`` entry (the unconditional spellings left out)."""
+    labels = model_index.get("labels") or {}
+    if labels:
+        names = sorted(labels, key=lambda n: int(labels[n]))
+    else:
+        id2label = model_index.get("id2label") or {}
+        names = [str(id2label[k]).split(",")[0].strip() for k in sorted(id2label, key=int)]
+    return [n for n in names if n.strip().lower() not in UNCONDITIONAL_PROMPTS]
 
 
 class ClassConditions:

@@ -227,6 +227,23 @@ def test_class_names_ids_and_none(backends):
     assert backends["ddpm"].prompts() == ["none"]
 
 
+def test_toy_world_style_labels_with_commas_and_a_labelled_null_class(dirs, tmp_path):
+    """A class-conditional DDPMPipeline dir (SD1.5 betas) whose id2label holds whole prompts, some
+    with commas, and names the null class 'unconditional': whole prompts and their parts resolve."""
+    from tests.tiny_models import add_to_model_index
+
+    path = tmp_path / "toy"
+    shutil.copytree(dirs["classes"], path)
+    id2label = {"0": "a red circle on the left", "1": "a blue square, small", "5": "unconditional"}
+    add_to_model_index(path, id2label=id2label)
+    b = DiffusersModelBackend(str(path), device="cpu")
+    assert b.class_ids(["a red circle on the left", "a blue square, small", "a blue square", "unconditional"]).tolist() == [
+        0, 1, 1, 5]
+    assert b.prompts() == ["a red circle on the left", "a blue square"]
+    add_to_model_index(path, labels={"a blue square, small": 1, "a red circle on the left": 0})
+    assert DiffusersModelBackend(str(path), device="cpu").prompts() == ["a red circle on the left", "a blue square, small"]
+
+
 def test_bad_class_name_lists_valid_ones(backends):
     with pytest.raises(ValueError, match=r"unknown class name 'tabby dog' .*closest: 'tabby'.*Valid names include "
                                          r"'red circle', 'crimson disc'"):
@@ -383,15 +400,17 @@ def test_grid_gradient_through_the_sd15_backend_matches_finite_differences(sd15_
     check_grid_gradient(sd15_backend, ["a red apple", "a dog"], 3.0, h=1e-3)
 
 
-def test_sd15_v_prediction_conversion_is_differentiable_in_t(sd15_backend):
-    """eps = s(t) x + a(t) v: the noise levels take t's gradient too (continuous schedule)."""
+def test_v_prediction_conversion_is_differentiable_in_t():
+    """eps = s(t) x + a(t) v (sd15 and diffusers backends): the noise levels take t's gradient too."""
     from consolver.backends.timesteps import epsilon_from
+    from consolver.schedules import VPSchedule
 
+    schedule = VPSchedule.sd15()
     x = torch.randn(2, 4, 4, 4)
     v = torch.randn(2, 4, 4, 4)
     t = torch.tensor([300.0, 301.0], requires_grad=True)
-    out = epsilon_from("v_prediction", v, x, t, sd15_backend.schedule)
-    a, s = sd15_backend.schedule.alpha_sigma(torch.tensor([300, 301]))
+    out = epsilon_from("v_prediction", v, x, t, schedule)
+    a, s = schedule.alpha_sigma(torch.tensor([300, 301]))
     torch.testing.assert_close(out, s.float().view(2, 1, 1, 1) * x + a.float().view(2, 1, 1, 1) * v)
     (g,) = torch.autograd.grad(out.sum(), t)
     assert float(g.abs().min()) > 0
