@@ -177,6 +177,36 @@ def test_dit_equals_the_dit_pipelines_guided_epsilon(backends, dirs):
     torch.testing.assert_close(b.decode(x), want, rtol=0, atol=1e-6)
 
 
+def test_a_legacy_transformer2dmodel_dit_loads_as_dit(backends, dirs, tmp_path):
+    """The hub's DiT-XL-2-256 names its transformer Transformer2DModel (ada_norm_zero), with that
+    class's extra config keys: it loads as the same DiT and predicts the same."""
+    from tests.tiny_models import add_to_model_index
+
+    path = tmp_path / "legacy"
+    shutil.copytree(dirs["dit"], path)
+    config_path = path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None,
+                  only_cross_attention=False, use_linear_projection=False, double_self_attention=False)
+    config_path.write_text(json.dumps(config))
+    add_to_model_index(path, transformer=["diffusers", "Transformer2DModel"])
+    legacy = DiffusersModelBackend(str(path), device="cpu")
+    assert type(legacy.denoiser).__name__ == "DiTTransformer2DModel" and legacy.null_class == 1000
+    x = noise(legacy)
+    cond = legacy.encode(["blue square", "green triangle"])
+    torch.testing.assert_close(legacy.predict(x, 500, cond, 1.5), backends["dit"].predict(x, 500, cond, 1.5), rtol=0, atol=0)
+
+
+def test_unsupported_denoiser_class_is_named(dirs, tmp_path):
+    from tests.tiny_models import add_to_model_index
+
+    path = tmp_path / "other"
+    shutil.copytree(dirs["ddpm"], path)
+    add_to_model_index(path, unet=["diffusers", "UNet2DConditionModel"])
+    with pytest.raises(ValueError, match=r"has a UNet2DConditionModel as its denoiser \(unet/\); supported: UNet2DModel"):
+        DiffusersModelBackend(str(path), device="cpu")
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_v_and_sample_prediction_models_return_epsilon(dirs, tmp_path, prediction_type):
     from diffusers import UNet2DModel
