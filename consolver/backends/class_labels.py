@@ -111,8 +111,9 @@ class ClassConditions:
 
     def _unknown(self, text: str) -> str:
         if not self.labels:
-            return (f"{self.model!r} has no class names (no id2label or labels in its model_index.json): write class "
-                    f"ids 0..{self.num_embeddings - 1} (except the null class {self.null_class}) or 'none', got {text!r}")
+            return (f"{self.model!r} has no class names (no id2label or labels in its model_index.json): write "
+                    f"class ids 0..{self.num_embeddings - 1} (except the null class {self.null_class}) or 'none', "
+                    f"got {text!r}")
         close = difflib.get_close_matches(text, list(self.labels), n=3, cutoff=0.6)
         hint = f"; closest: {', '.join(map(repr, close))}" if close else ""
         some = ", ".join(repr(n) for n in list(self.labels)[:8])

@@ -139,8 +139,9 @@ def load_components(model: str, dtype: torch.dtype) -> dict[str, Any]:
         net = loader.from_pretrained(source, subfolder=folder, torch_dtype=dtype, use_safetensors=True, **local)
         vae = None
         if autoencoder is not None:
-            vae = getattr(diffusers, autoencoder[1]).from_pretrained(source, subfolder=autoencoder[0], torch_dtype=dtype,
-                                                                     use_safetensors=True, **local)
+            vae_class = getattr(diffusers, autoencoder[1])
+            vae = vae_class.from_pretrained(source, subfolder=autoencoder[0], torch_dtype=dtype, use_safetensors=True,
+                                            **local)
     except BackendModelNotFoundError:
         raise
     except OSError as err:  # huggingface_hub's LocalEntryNotFoundError, diffusers' EnvironmentError, ...
@@ -343,8 +344,8 @@ class DiffusersModelBackend(Backend):
             null = torch.full_like(labels, self.null_class)
             both = torch.cat([labels, null] if self.family == "dit" else [null, labels])
             out = self._forward(torch.cat([sample, sample]), torch.cat([steps, steps]), both)
-            first, second = out[:B], out[B:]
-            out = apply_guidance(second, first, guidance) if self.family == "dit" else apply_guidance(first, second, guidance)
+            uncond, cond_out = (out[B:], out[:B]) if self.family == "dit" else (out[:B], out[B:])
+            out = apply_guidance(uncond, cond_out, guidance)
         out = epsilon_from(self.model_prediction_type, out, x, steps, self.schedule)
         return out.to(torch.promote_types(x.dtype, torch.float32))
 

@@ -282,6 +282,12 @@ def test_bad_class_name_lists_valid_ones(backends):
         backends["dit"].encode(["1000"])
     with pytest.raises(ValueError, match=r"is an unconditional model: its only condition is 'none'"):
         backends["ddpm"].encode(["red circle"])
+    from consolver.backends.class_labels import ClassConditions
+
+    unnamed = ClassConditions(6, 5, {}, "m")
+    assert unnamed.class_id("4") == 4 and unnamed.class_id("none") == 5
+    with pytest.raises(ValueError, match=r"'m' has no class names .*write class ids 0..5 \(except the null class 5\)"):
+        unnamed.class_id("cat")
     from consolver.data.prompts import PromptRecord
     from consolver.data.writer import check_prompts
 
