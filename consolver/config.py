@@ -54,6 +54,9 @@ class BackendConfig:
     flux: FluxConfig = field(default_factory=FluxConfig)  # flux_kontext / toy_edit
     # sd15 / real backends
     decode_chunk: int = 8  # latents per VAE decode call (memory lever: peak decode memory grows with it)
+    # diffusers (class-conditional UNet2DModel / DiT): class id of the unconditional branch of guidance;
+    # default: DiT num_classes (1000 for ImageNet), UNet2DModel num_class_embeds - 1
+    null_class: Optional[int] = None
 
 
 @dataclass
@@ -393,6 +396,9 @@ def validate(cfg: Config) -> None:
     if cfg.backend.name == "sd15" and cfg.backend.resolution % 8:
         raise ConfigError(f"backend.resolution={cfg.backend.resolution} must be a multiple of 8 for the sd15 backend "
                           f"(the VAE downsamples by 8: 512 px -> 4x64x64 latents)")
+    if cfg.backend.null_class is not None and (cfg.backend.name != "diffusers" or cfg.backend.null_class < 0):
+        raise ConfigError(f"backend.null_class={cfg.backend.null_class} must be a class id >= 0 and is read only by "
+                          f"backend.name=diffusers (got {cfg.backend.name!r}); leave it unset otherwise")
     validate_training(cfg)
     if cfg.backend.name not in TOY_BACKENDS and not cfg.backend.model:
         raise ConfigError(f"backend.model must name a hub id or local directory for backend {cfg.backend.name!r}")

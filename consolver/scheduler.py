@@ -283,6 +283,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         return_dict: bool = True,
         coefficients: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> Union[SchedulerOutput, Tuple[torch.Tensor]]:
         """One solver step ``t_i -> t_{i+1}``.
 
@@ -291,6 +292,8 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             timestep: the current timestep (used only to find the step index on the first call).
             sample: ``x_{t_i}`` ``[B, ...]``.
             coefficients: optional override ``[m]`` or ``[B, m]`` (e.g. RL rollouts).
+            generator: accepted and unused (the solver is deterministic), so pipelines that pass
+                one to stochastic schedulers (``DDPMPipeline``) can use this scheduler.
         Returns:
             ``x_{t_{i+1}}`` in ``sample``'s dtype.
         """

@@ -122,3 +122,87 @@ def tiny_flux_kontext_pipeline(tmp_dir: Path, seed: int = 0):
                                transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------- class-conditional / unconditional image models
+#
+# Pipeline directories for the ``diffusers`` backend, written with save_pretrained exactly as a
+# user's download (or another engineer's trained model) is laid out.
+
+#: class names of the tiny class-conditional models: id -> comma-separated synonyms (DiT style)
+TINY_ID2LABEL = {"0": "red circle, crimson disc", "1": "blue square", "2": "green triangle", "3": "tabby cat, tabby"}
+
+
+def add_to_model_index(directory: Path, **entries) -> None:
+    """Add keys (e.g. ``id2label``) to a saved pipeline's ``model_index.json``."""
+    path = Path(directory) / "model_index.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **entries), indent=2))
+
+
+def tiny_unet2d(in_channels: int = 3, sample_size: int = 8, num_class_embeds=None, seed: int = 0):
+    """A 2-level UNet2DModel (no attention) with a sinusoidal time embedding that matters."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=num_class_embeds).eval()
+
+
+def tiny_ddpm_dir(directory: Path, num_class_embeds=None, prediction_type: str = "epsilon", seed: int = 0,
+                  sd15_betas: bool = False) -> Path:
+    """A DDPMPipeline (pixel-space UNet2DModel, 3x8x8, DDPMScheduler) saved to ``directory``;
+    class-conditional with ``num_class_embeds`` (the last row the null class, ``TINY_ID2LABEL``
+    added to model_index.json). ``sd15_betas``: SD1.5's scaled_linear 0.00085..0.012 (the toy
+    world's trained model), else google/ddpm-cifar10-32's linear 1e-4..0.02 with clip_sample."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    betas = (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False) if sd15_betas
+             else dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=True))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, **betas)
+    DDPMPipeline(unet=tiny_unet2d(num_class_embeds=num_class_embeds, seed=seed), scheduler=scheduler).save_pretrained(
+        directory, safe_serialization=True)
+    if num_class_embeds is not None:
+        add_to_model_index(directory, id2label=TINY_ID2LABEL)
+    return Path(directory)
+
+
+def tiny_ldm_dir(directory: Path, autoencoder: str = "vq", seed: int = 0) -> Path:
+    """An LDMPipeline-shaped directory: UNet2DModel on 3x8x8 latents + a VQModel (``"vq"``, folder
+    ``vqvae/``) or an AutoencoderKL (``"kl"``, folder ``vae/``) downsampling by 2, DDIMScheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, VQModel
+
+    torch.manual_seed(seed + 1)
+    common = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=3,
+                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+    unet = tiny_unet2d(in_channels=3, sample_size=8, seed=seed)
+    if autoencoder == "vq":
+        LDMPipeline(vqvae=VQModel(num_vq_embeddings=32, scaling_factor=0.7, **common).eval(), unet=unet,
+                    scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+    else:
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+        AutoencoderKL(scaling_factor=0.5, **common).eval().save_pretrained(Path(directory) / "vae", safe_serialization=True)
+        add_to_model_index(directory, vae=["diffusers", "AutoencoderKL"])
+    return Path(directory)
+
+
+def tiny_dit_dir(directory: Path, seed: int = 0) -> Path:
+    """A DiTPipeline (DiTTransformer2DModel with learned sigma on 4x8x8 latents, 1000 classes as
+    ImageNet so DiTPipeline's hard-coded null class 1000 applies; an AutoencoderKL downsampling by 2;
+    DDIMScheduler with DiT's linear betas) saved to ``directory``, ``TINY_ID2LABEL`` in model_index.json."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
+    add_to_model_index(directory, id2label=TINY_ID2LABEL)
+    return Path(directory)

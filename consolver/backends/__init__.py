@@ -8,6 +8,7 @@ BACKENDS = {
     "sd15": "consolver.backends.sd15:SD15Backend",
     "flux_kontext": "consolver.backends.flux_kontext:FluxKontextBackend",
     "toy_edit": "consolver.backends.toy_edit:ToyEditBackend",
+    "diffusers": "consolver.backends.diffusers_model:DiffusersModelBackend",
 }
 
 

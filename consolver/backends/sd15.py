@@ -31,6 +31,7 @@ import torch
 from tensordict import TensorDict
 
 from consolver.backends.base import Backend, apply_guidance
+from consolver.backends.timesteps import epsilon_from, vp_model_timesteps
 from consolver.backends.model_source import BackendModelNotFoundError, is_offline, not_found, resolve_model
 from consolver.schedules import VPSchedule
 
@@ -51,19 +52,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def schedule_from_config(config: dict, model: str = "?") -> tuple[VPSchedule, str]:
+def schedule_from_config(config: dict, model: str = "?", backend: str = "sd15",
+                         prediction_types: Sequence[str] = PREDICTION_TYPES) -> tuple[VPSchedule, str]:
     """``(VPSchedule, prediction_type)`` from a diffusers VP scheduler config (a pipeline's
     ``scheduler/scheduler_config.json``), with diffusers' defaults for missing keys. The
     schedule ends on x0 whatever the config's ``set_alpha_to_one``: the learned solver's last
     step lands on the clean latent, as in training and export."""
     on = [k for k in UNSUPPORTED_SCHEDULER_OPTIONS if config.get(k)]
     if on:
-        raise ValueError(f"the scheduler config of {model!r} turns on {', '.join(on)}, which the sd15 backend does not "
+        raise ValueError(f"the scheduler config of {model!r} turns on {', '.join(on)}, which the {backend} backend does not "
                          f"support (its noise levels would differ from the plain beta schedule)")
     prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"the scheduler config of {model!r} has prediction_type={prediction_type!r}; the sd15 backend "
-                         f"supports {', '.join(PREDICTION_TYPES)}")
+    if prediction_type not in prediction_types:
+        raise ValueError(f"the scheduler config of {model!r} has prediction_type={prediction_type!r}; the {backend} "
+                         f"backend supports {', '.join(prediction_types)}")
     schedule = VPSchedule.from_betas(
         beta_schedule=config.get("beta_schedule", "linear"), beta_start=float(config.get("beta_start", 0.0001)),
         beta_end=float(config.get("beta_end", 0.02)), num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
@@ -111,6 +113,9 @@ class SD15Backend(Backend):
     """
 
     name = "sd15"
+    #: ``predict`` refuses non-integer timesteps (the UNet was trained on integers); ``False`` only
+    #: for finite-difference checks of d(model)/dt at real t.
+    integer_timesteps = True
 
     def __init__(self, model: str, resolution: int = 512, dtype: str = "float32", device: str | torch.device = "auto",
                  decode_chunk: int = 8, components: Optional[dict[str, Any]] = None):
@@ -179,20 +184,10 @@ class SD15Backend(Backend):
 
     # ------------------------------------------------------------ the model
 
-    def _timesteps(self, t, batch: int) -> torch.Tensor:
-        """Timesteps ``[batch]`` float64 on the CPU; integers in ``[0, T)`` (scheduler units)."""
-        t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"timesteps must be a scalar or [B={batch}], got shape {tuple(t.shape)}")
-        T = self.schedule.num_train_timesteps
-        if bool(((t < 0) | (t > T - 1) | (t != t.round())).any()):
-            raise ValueError(f"VP timesteps must be integers in [0, {T - 1}], got {t.tolist()}")
-        return t
-
     def predict(self, x: torch.Tensor, t, cond: TensorDict, guidance: float) -> torch.Tensor:
-        """Guided epsilon for latents ``x [B, 4, h, w]`` at timesteps ``t`` (scalar or ``[B]``).
+        """Guided epsilon for latents ``x [B, 4, h, w]`` at timesteps ``t`` (scalar or ``[B]``, integer
+        values; a float tensor that requires grad passes its gradient through the UNet's time
+        embedding and the v -> epsilon conversion, for learned step grids).
 
         One UNet call on the doubled batch ``[uncond; cond]`` (only the conditional half when
         ``guidance == 1``), in the weights' dtype; guidance and the v -> epsilon conversion in
@@ -201,8 +196,8 @@ class SD15Backend(Backend):
         embeds = cond["prompt_embeds"].to(self.device)
         if embeds.shape[0] != B:
             raise ValueError(f"cond has batch {embeds.shape[0]} but x has batch {B}")
-        t64 = self._timesteps(t, B)
-        steps = t64.to(self.device, torch.float32)
+        steps = vp_model_timesteps(t, B, self.schedule.num_train_timesteps, self.device,
+                                   self.integer_timesteps)  # float, keeps t's grad
         sample = x.to(self.device, self.torch_dtype)
         if guidance != 1.0:
             sample = torch.cat([sample, sample])
@@ -211,11 +206,7 @@ class SD15Backend(Backend):
         out = self.unet(sample, steps, encoder_hidden_states=embeds.to(self.torch_dtype), return_dict=False)[0].float()
         if guidance != 1.0:
             out = apply_guidance(out[:B], out[B:], guidance)
-        if self.model_prediction_type == "v_prediction":  # v = a eps - s x0  =>  eps = s x + a v
-            a, s = self.schedule.alpha_sigma(t64.long())
-            shape = (B,) + (1,) * (x.dim() - 1)
-            a, s = a.to(self.device, torch.float32).reshape(shape), s.to(self.device, torch.float32).reshape(shape)
-            out = s * x.to(self.device, torch.float32) + a * out
+        out = epsilon_from(self.model_prediction_type, out, x, steps[:B], self.schedule)
         return out.to(torch.promote_types(x.dtype, torch.float32))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

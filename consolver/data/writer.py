@@ -150,9 +150,9 @@ def fingerprint(cfg: Config, backend, prompts: Sequence[PromptRecord], reward=No
     )))
 
 
-#: Config sections of ``backend`` that only some backends read: left out of the other backends'
-#: fingerprints, so adding such a section leaves existing shards valid.  # flux_kontext / toy_edit
-BACKEND_SECTIONS = {"flux": ("flux_kontext",)}
+#: Config sections (and keys) of ``backend`` that only some backends read: left out of the other
+#: backends' fingerprints, so adding such a section leaves existing shards valid.  # flux_kontext / toy_edit
+BACKEND_SECTIONS = {"flux": ("flux_kontext",), "null_class": ("diffusers",)}
 #: Backend config keys that only say where and in what pieces the work runs (not what is made).
 UNFINGERPRINTED_BACKEND_KEYS = ("decode_chunk",)
 
