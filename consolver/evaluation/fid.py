@@ -4,8 +4,8 @@ Features are the 2048-d pool features of the standard FID Inception: torchmetric
 ``NoTrainInceptionV3`` (torch-fidelity's ``inception-v3-compat``, the TensorFlow "2015-12-05" graph
 ported to PyTorch). Its weights load **only from a local file** the caller names; nothing is
 downloaded. The file is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (a plain
-``torch.save`` state dict; pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` has the same name
-hash): see :data:`STANDARD_WEIGHTS_URL`.
+``torch.save`` state dict; pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` names the same
+hash): see :data:`STANDARD_WEIGHTS_URL`. A file with another sha256 is used with a warning.
 
 FID and KID are torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed with
 features extracted once per image (a pass-through feature module), with two exact shortcuts in
@@ -246,7 +246,7 @@ def _kid_class():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 n_r, n_f = real.shape[0], fake.shape[0]
-                if (n_r + n_f) ** 2 <= 3 * self.subsets * m * m and max(n_r, n_f) <= 8192:
+                if (n_r + n_f) ** 2 <= 3 * self.subsets * m * m and max(n_r, n_f) <= 4096:
                     k_rr = poly_kernel(real, real, self.degree, self.gamma, self.coef)
                     k_ff = poly_kernel(fake, fake, self.degree, self.gamma, self.coef)
                     k_rf = poly_kernel(real, fake, self.degree, self.gamma, self.coef)
@@ -403,5 +403,5 @@ def build_fid_kid(target_images: torch.Tensor, weights_path: Optional[Union[str,
 
 
 __all__ = ["FidKid", "InceptionFeatures", "InceptionWeightsError", "STANDARD_WEIGHTS_URL", "WEIGHTS_FLAG",
-           "build_fid_kid", "check_weights_path", "frechet_distance", "iter_image_batches", "list_images", "load_inception", "psd_factor",
-           "to_uint8"]
+           "build_fid_kid", "check_weights_path", "frechet_distance", "iter_image_batches", "list_images",
+           "load_inception", "psd_factor", "to_uint8"]

@@ -248,9 +248,9 @@ def test_inception_fid_kid_zero_on_itself_and_monotone_in_noise(random_weights, 
     extractor = InceptionFeatures(random_weights, batch_size=4)
     assert extractor.net.training is False
     images = smooth_images(8)
-    features = extractor(images)
-    assert features.shape == (8, 2048) and features.dtype == torch.float64 and bool(features.isfinite().all())
-    assert float(features.std()) > 1e-3  # random weights, yet informative features
+    features = extractor(images[:2])
+    assert features.shape == (2, 2048) and features.dtype == torch.float64 and bool(features.isfinite().all())
+    assert float((features[0] - features[1]).abs().max()) > 1e-3  # random weights, yet informative features
     fid_kid = FidKid(extractor, kid_subsets=20, kid_subset_size=1000)
     fid_kid.add_reference("", images)
     scores = []
