@@ -29,5 +29,10 @@ setup(
         "numpy",
         "pillow",
     ],
-    extras_require={"parquet": ["pyarrow"], "test": ["pytest>=7", "pytest-timeout", "pyarrow"]},
+    extras_require={
+        "parquet": ["pyarrow"],
+        # FID/KID in tools/evaluate.py (consolver.evaluation.fid); weights from a local file only
+        "fid": ["torchmetrics>=1.4", "torch-fidelity>=0.3"],
+        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3"],
+    },
 )

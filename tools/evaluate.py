@@ -10,6 +10,10 @@ as ``guidance``). A K a solver has no table for is skipped with a note; with no 
 baselines alone are evaluated. Baselines: DDIM, DPM-Solver++ 2M, UniPC, DEIS (landing on x0 like
 the others), Adams-Bashforth 2 in rho and iPNDM of order min(solver.order, 4).
 
+With ``--fid`` (and ``--inception-weights PATH``), FID and KID of every solver's previews against
+the full-step targets join the tables (``fid``, ``kid``), and against the images of ``--fid-reference
+DIR`` (``fid_ref``, ``kid_ref``): see docs/fid.md.
+
 Writes ``eval.md`` (tables, "steps saved"), ``eval.csv`` (one row per solver and K, means and
 standard errors) and ``eval.png`` (quality against NFE) into ``--out`` (default: ``eval/`` beside
 the first solver directory, i.e. ``<run>/eval`` for ``<run>/scheduler``; with no solver
@@ -121,6 +125,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show every library's log lines and warnings")
+    fid = parser.add_argument_group("FID/KID (docs/fid.md): columns fid, kid[, fid_ref, kid_ref]; on with any of these")
+    fid.add_argument("--fid", action="store_true", help="FID/KID of the previews against the full-step targets")
+    fid.add_argument("--inception-weights", metavar="PATH", default=None,
+                     help="local FID Inception state dict (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
+    fid.add_argument("--fid-reference", metavar="DIR", default=None,
+                     help="also FID/KID against the images in DIR (columns fid_ref, kid_ref)")
+    fid.add_argument("--fid-batch-size", type=int, default=64, help="images per Inception batch (default 64)")
+    fid.add_argument("--kid-subset-size", type=int, default=1000,
+                     help="KID subset size, capped at the number of images (default 1000)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -138,6 +151,15 @@ def main(argv=None) -> dict:
         raise ValueError(f"--num-noises must be >= 1, got {args.num_noises}")
     for name, path in solver_dirs.items():  # before the config: a wrong path fails fast
         check_solver_dir(name, path)
+    if args.metric and args.metric.startswith(("fid", "kid")):
+        raise ValueError(f"--metric {args.metric}: FID/KID are lower-is-better; 'steps saved' needs a quality metric")
+    use_fid = args.fid or args.fid_reference is not None or args.inception_weights is not None
+    if use_fid:
+        from consolver.evaluation.fid import check_weights_path, list_images
+
+        check_weights_path(args.inception_weights)
+        if args.fid_reference is not None:
+            list_images(args.fid_reference)
     cfg = load_config(args.config, overrides)
     solvers = {name: load_solver(name, path) for name, path in solver_dirs.items()}
 
@@ -160,6 +182,13 @@ def main(argv=None) -> dict:
     log.info("reference solves: %s x %d steps for %d noises per prompt", cfg.reference.solver, cfg.reference.num_steps,
              args.num_noises)
     eval_set = make_eval_set(cfg, backend, reward, args.num_noises, seed=args.seed, batch_size=args.batch_size)
+    fid_kid = None
+    if use_fid:
+        from consolver.evaluation.fid import build_fid_kid
+
+        fid_kid = build_fid_kid(eval_set.target_image, args.inception_weights, args.fid_reference,
+                                batch_size=args.fid_batch_size, kid_subset_size=args.kid_subset_size,
+                                device=backend.device)
     ref_seconds = time.perf_counter() - start
     notes: list[str] = []
     bar = tqdm(total=(len(solvers) + len(baselines)) * len(steps), unit="solve", disable=args.no_progress,
@@ -171,7 +200,8 @@ def main(argv=None) -> dict:
 
     try:
         rows = evaluate(cfg, solvers, steps, args.num_noises, backend=backend, reward=reward, eval_set=eval_set,
-                        baselines=baselines, batch_size=args.batch_size, notes=notes, on_progress=progress)
+                        baselines=baselines, batch_size=args.batch_size, notes=notes, on_progress=progress,
+                        image_metrics=fid_kid)
     finally:
         bar.close()
     if not rows:
@@ -186,7 +216,7 @@ def main(argv=None) -> dict:
         f"guidance {cfg.guidance}, {cfg.solver.timestep_spacing} spacing; NFE = K for every solver",
         "- ours: " + ", ".join(f"{n} = `{p}`" for n, p in solver_dirs.items()),
         f"- {seconds:.0f} s in all ({ref_seconds:.0f} s to load the models and solve the targets)",
-    ])
+    ] + ([fid_kid.describe()] if fid_kid is not None else []))
     metric = args.metric or (cfg.rewards[0].name if cfg.rewards else "pixel_psnr")
     sections = [learned_solver_markdown(name, scheduler, steps) for name, scheduler in solvers.items()]
     paths = write_report(rows, out, metric=metric, ours=list(solvers), notes=notes, header=header, sections=sections)

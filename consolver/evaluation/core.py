@@ -167,8 +167,10 @@ def make_eval_set(cfg, backend, reward, num_noises: int, seed: Optional[int] = N
 
 @torch.no_grad()
 def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
-                  reward_names: Optional[Sequence[str]] = None, batch_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                  reward_names: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
+                  on_images: Optional[Callable[[torch.Tensor], None]] = None) -> Dict[str, torch.Tensor]:
     """Per-sample metrics of previews ``latents [B, *latent_shape]`` against ``eval_set``'s targets.
+    ``on_images(images [b, 3, H, W] in [0, 1])`` sees every decoded batch (e.g. ``FidKid.update``).
 
     Returns ``{name: [B] float32}`` (on the CPU), in this order: each reward (a composite: each
     component and ``"reward"``, the weighted total) against the cached target features; on the toy
@@ -189,6 +191,8 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
 
     for s in _batches(len(eval_set), batch_size or eval_set.batch_size):
         images = backend.decode(latents[s])
+        if on_images is not None:
+            on_images(images)
         if isinstance(reward, CompositeReward):
             total = None
             for name in names:
@@ -231,7 +235,7 @@ def missing_num_steps(scheduler, num_steps: Sequence[int]) -> List[int]:
 def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_noises: int, *, backend=None,
              reward=None, eval_set: Optional[EvalSet] = None, baselines: Optional[Mapping[str, object]] = None,
              batch_size: Optional[int] = None, seed: Optional[int] = None, notes: Optional[List[str]] = None,
-             on_progress: Optional[Callable[[str, int], None]] = None) -> List[dict]:
+             on_progress: Optional[Callable[[str, int], None]] = None, image_metrics=None) -> List[dict]:
     """Our ``solvers`` and the ``baselines`` (default :func:`baseline_schedulers`) at every K.
 
     Returns one row per (solver, K): ``solver``, ``kind`` (``"ours"`` | ``"baseline"``), ``K``,
@@ -239,6 +243,9 @@ def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_n
     ``<metric>_se`` (its standard error over samples). A K a learned solver lacks is skipped with
     a warning, appended to ``notes``. ``on_progress(solver, K)`` is called after every pair,
     skipped ones included. ``backend``/``reward``/``eval_set`` are built from ``cfg`` if not given.
+    ``image_metrics`` (e.g. :class:`~consolver.evaluation.fid.FidKid`): set-level metrics, ``reset()``
+    per (solver, K), ``update(images)`` with every decoded batch of previews, ``compute()`` -> a dict
+    of columns added to the row (e.g. ``fid``, ``kid``, ``kid_se``).
     """
     from consolver.evaluation.baselines import baseline_schedulers
 
@@ -269,16 +276,26 @@ def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_n
             notes.append(note)
         for K in num_steps:
             if int(K) not in skipped:
+                if image_metrics is not None:
+                    image_metrics.reset()
                 metrics = score_latents(eval_set, solve(eval_set, backend, scheduler, int(K), batch_size), backend,
-                                        reward, reward_names, batch_size)
+                                        reward, reward_names, batch_size,
+                                        on_images=None if image_metrics is None else image_metrics.update)
                 row = {"solver": name, "kind": kind, "K": int(K), "nfe": int(K), "num_samples": len(eval_set)}
                 for key, values in metrics.items():
                     values = values.double()
                     row[key] = float(values.mean())
                     row[f"{key}_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+                extra = image_metrics.compute() if image_metrics is not None else {}
+                row.update(extra)
                 rows.append(row)
+<<<<<<< HEAD
                 logger.debug("%s K=%d: %s", name, K, ", ".join(f"{k}={v:.3f}" for k, v in row.items()
                                                                if k in metrics))
+=======
+                shown = [f"{k}={v:.3f}" for k, v in row.items() if k in metrics]
+                logger.info("%s K=%d: %s", name, K, ", ".join(shown + [f"{k}={v:.4g}" for k, v in extra.items()]))
+>>>>>>> fid-kid
             if on_progress is not None:
                 on_progress(name, int(K))
     return rows

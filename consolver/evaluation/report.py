@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 #: Metrics shown with three decimals (fractions); the rest (dB, x100 scales) with two.
 FRACTION_METRICS = ("mode_agreement",)
+#: Metrics shown with four decimals (KID: ~1e-3..1e-1; :mod:`consolver.evaluation.fid`).
+SMALL_METRICS = ("kid", "kid_ref")
 BOOKKEEPING = ("solver", "kind", "K", "nfe", "num_samples")
 
 
@@ -101,7 +103,7 @@ def learned_solver_markdown(name: str, scheduler, num_steps: Sequence[int]) -> s
 def _fmt(metric: str, value, se=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    digits = 3 if metric in FRACTION_METRICS else 2
+    digits = 3 if metric in FRACTION_METRICS else 4 if metric in SMALL_METRICS else 2
     text = f"{value:.{digits}f}"
     if se is not None and not math.isnan(se):
         text += f" ± {se:.{digits}f}"
