@@ -18,6 +18,7 @@ setup(
         "torchrl",
         "tensordict",
         "diffusers>=0.30",
+        "accelerate",  # diffusers loads large models with less memory through it
         "transformers>=4.40",
         "webdataset>=0.2.86",
         "omegaconf>=2.3",

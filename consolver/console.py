@@ -100,6 +100,17 @@ def setup_console(tool: str, verbose: bool = False) -> logging.Logger:
     return logging.getLogger(tool)
 
 
+def rate_text(count: int, seconds: float, unit: str = "sample") -> str:
+    """A throughput a person can read at any speed: ``"37.2 samples/s"`` when fast, ``"4.61 s/sample"``
+    when slower than one per second (never ``"0.0 samples/s"``); ``"no samples"`` for ``count = 0``."""
+    if count <= 0:
+        return f"no {unit}s"
+    rate = count / max(seconds, 1e-9)
+    if rate >= 1:
+        return f"{rate:.3g} {unit}s/s" if rate < 100 else f"{rate:.0f} {unit}s/s"
+    return f"{seconds / count:.3g} s/{unit}"
+
+
 #: Libraries that put their own console handler on their logger at import (Lightning prints every
 #: INFO line twice with it, torchrl writes to stdout): their records go through ours instead.
 OWN_HANDLERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "torchrl")
@@ -118,4 +129,4 @@ def quiet_libraries() -> None:
         logger.propagate = True
 
 
-__all__ = ["QUIET_WARNINGS", "quiet_libraries", "setup_console"]
+__all__ = ["QUIET_WARNINGS", "quiet_libraries", "rate_text", "setup_console"]

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = sorted(p.stem for p in (Path(__file__).parent / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
@@ -41,6 +39,8 @@ def main(argv=None) -> None:
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; valid: {', '.join(BENCHMARKS)}")
+    import torch
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"# consolver benchmarks — {time.strftime('%Y-%m-%d')} — {device} — torch {torch.__version__}\n")
     for name in args.names or BENCHMARKS:

@@ -12,17 +12,11 @@ half-written ones are rewritten. The same config always gives the same shard con
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from consolver.config import load_config  # noqa: E402
-from consolver.data.writer import make_shards, resolve_rank  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,13 +26,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
     parser.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch logs)")
+    parser.add_argument("--verbose", action="store_true", help="show every library's log lines and warnings")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from consolver.console import rate_text, setup_console
+
+    log = setup_console("make_shards", args.verbose)
+    from consolver.config import load_config
+
     cfg = load_config(args.config, args.overrides)
+    from tqdm import tqdm
+
+    from consolver.data.writer import make_shards, resolve_rank
+
     rank, world_size = resolve_rank(args.rank, args.world_size)
     bar = tqdm(unit="sample", desc=f"rank {rank}/{world_size}", position=rank if world_size <= 8 else 0,
                disable=args.no_progress, dynamic_ncols=True, smoothing=0.1)
@@ -54,9 +57,8 @@ def main(argv=None) -> dict:
         bar.close()
     made = sum(made)
     elapsed = time.perf_counter() - start
-    logging.getLogger("make_shards").info(
-        "rank %d/%d: made %d shards (%d samples, %.1f samples/s), skipped %d complete; shards: %s",
-        rank, world_size, len(summary["made"]), made, made / max(elapsed, 1e-9), summary["skipped"], summary["shards"])
+    log.info("rank %d/%d: made %d shards (%d samples, %s), skipped %d complete; shards: %s", rank, world_size,
+             len(summary["made"]), made, rate_text(made, elapsed), summary["skipped"], summary["shards"])
     return summary
 
 
