@@ -195,3 +195,18 @@ def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
         assert finals[seed]["final_steps"] == 6 and "pixel_psnr" in finals[seed]["reward"]
     with pytest.raises(ValueError, match="seed\\(s\\) 9 are not in .*; it has seeds 0-5"):
         refine_run(str(out / "manifest.json"), [9])
+
+
+# ------------------------------------------------------------------ where a preview run writes
+
+@pytest.mark.slow
+def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
+    import shutil
+
+    solver = tmp_path / "run_a" / "scheduler"
+    shutil.copytree(solver_dir, solver)
+    config_out = tmp_path / "config_output_dir"
+    manifest = preview_run(TOY, str(solver), [PROMPT], [0, 1], 3, overrides=[*SMALL, f"output_dir={config_out}"])
+    assert Path(manifest["manifest_path"]) == tmp_path / "run_a" / "preview" / "manifest.json"
+    assert (tmp_path / "run_a" / "preview" / "contact_sheet.png").is_file()
+    assert not (config_out / "preview").exists(), "a preview of this solver must not land in the config's output_dir"

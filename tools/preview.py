@@ -6,8 +6,10 @@
 
 preview (the default subcommand): one K-step preview per seed (and prompt) with the trained
 solver, batched; writes contact_sheet.png, previews/*.png, preview_latents.npy and manifest.json
-into --out (default <output_dir>/preview). --compare adds rows of training-free solvers at the same
-K. Positional key=value arguments override the config. Editing backends: --image and --instruction.
+into --out (default: preview/ beside the solver directory, e.g. outputs/toy_depth/preview for
+--solver outputs/toy_depth/scheduler, so previews of different solvers never overwrite each
+other). --compare adds rows of training-free solvers at the same K. Positional key=value
+arguments override the config. Editing backends: --image and --instruction.
 
 refine: the full-step reference solve (reference.solver, reference.num_steps, as make_shards makes
 its targets) from the same noise and condition for the chosen seeds; writes finals/*.png (+ .npy)
@@ -46,7 +48,7 @@ def preview_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-15", help="noise seeds, e.g. 0-15, 3,7 or 0-3,9 (default 0-15)")
     p.add_argument("--steps", type=int, default=4, help="K preview steps (= NFE); the solver needs a table for it")
     p.add_argument("--compare", default="", help="training-free solvers at the same K, e.g. ddim,dpmsolver++")
-    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/preview)")
+    p.add_argument("--out", default=None, help="output folder (default: preview/ beside the solver directory, i.e. <solver>/../preview)")
     p.add_argument("--columns", type=int, default=8, help="tiles per row of the contact sheet (default 8)")
     p.add_argument("--batch-size", type=int, default=None, help="previews per batched solve (default: all)")
     p.add_argument("--refine-all", action="store_true", help="also refine every seed (timings, reward of every preview)")

@@ -51,6 +51,11 @@ def check_writable(out: Path) -> Path:
     return out
 
 
+def default_out(solver_dir) -> Path:
+    """The default preview folder of a solver: ``preview/`` beside its directory."""
+    return Path(solver_dir).parent / "preview"
+
+
 def _entry_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index}_seed{seed}"
 
@@ -74,8 +79,11 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
                 progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Previews of every (prompt, seed) at K=``num_steps``, a contact sheet and a manifest in ``out``.
 
-    ``out`` defaults to ``<cfg.output_dir>/preview``. Everything a user can get wrong is checked before any solve: the solver directory, its K
-    table, the ``--compare`` names, the config and the output folder. ``refine_all`` also solves
+    ``out`` defaults to ``preview/`` beside the solver directory (``Path(solver_dir).parent /
+    "preview"``, e.g. ``outputs/toy_depth/preview`` for ``outputs/toy_depth/scheduler``), so previews
+    of different solvers never overwrite each other. Everything a user can get wrong is checked
+    before any solve: the solver directory, its K table, the ``--compare`` names, the config and the
+    output folder. ``refine_all`` also solves
     every final (the slow path the workflow avoids), for timings and the reward of every preview.
     Returns the manifest (with ``"manifest"``: its path).
     """
@@ -90,7 +98,7 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     if not prompts:
         raise ValueError("no prompt given (--prompt or --prompts FILE)")
     cfg = load_config(config, list(overrides))
-    out = check_writable(Path(out) if out else Path(cfg.output_dir) / "preview")
+    out = check_writable(Path(out) if out else default_out(solver_dir))
     backend = build_backend(cfg.backend)
     check = getattr(backend, "check_prompts", None)
     if check is not None:
