@@ -210,3 +210,21 @@ def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
     assert Path(manifest["manifest_path"]) == tmp_path / "run_a" / "preview" / "manifest.json"
     assert (tmp_path / "run_a" / "preview" / "contact_sheet.png").is_file()
     assert not (config_out / "preview").exists(), "a preview of this solver must not land in the config's output_dir"
+
+
+# ------------------------------------------------------------------ the tool's --help
+
+@pytest.mark.parametrize("sub", [[], ["refine"]])
+def test_help_imports_no_heavy_library(sub):
+    """`--help` answers at once: torch, tqdm, diffusers and consolver.preview load only after parsing."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['preview.py', *{sub!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(ROOT / 'tools' / 'preview.py')!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = [m for m in ('torch', 'tqdm', 'diffusers', 'consolver.preview', 'numpy') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: preview.py" in result.stdout and "HEAVY []" in result.stdout, result.stdout[-500:]

@@ -24,13 +24,9 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
+# Only the standard library at import time: `--help` must answer at once. torch, tqdm and
+# consolver.preview are imported inside the commands, after the arguments parse.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from consolver.config import ConfigError  # noqa: E402
-from consolver.preview import parse_seeds, preview_run, refine_run, report_lines  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "toy_depth.yaml"
 log = logging.getLogger("preview")
@@ -82,6 +78,8 @@ class Bars:
         self.disable, self.bars = disable, []
 
     def __call__(self, desc: str, total: int):
+        from tqdm import tqdm
+
         bar = tqdm(total=total, desc=desc, unit="step", disable=self.disable, dynamic_ncols=True, leave=False)
         self.bars.append(bar)
 
@@ -119,6 +117,10 @@ def _setup(args) -> Bars:
 
 def run_preview(argv) -> dict:
     args = preview_parser().parse_intermixed_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from consolver.preview import parse_seeds, preview_run
+
     seeds = parse_seeds(args.seeds)
     prompts = list(args.prompt) + (_read_prompts(args.prompts) if args.prompts else [])
     if args.instruction:
@@ -154,6 +156,10 @@ def run_preview(argv) -> dict:
 
 def run_refine(argv) -> dict:
     args = refine_parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from consolver.preview import parse_seeds, refine_run, report_lines
+
     seeds = parse_seeds(args.seeds)
     bars = _setup(args)
     try:
@@ -180,5 +186,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, ConfigError) as err:  # bad paths, seeds, K or config: one line, no traceback
+    except (ValueError, OSError) as err:  # bad paths, seeds, K or config (ConfigError): one line, no traceback
         sys.exit(f"preview: error: {err}")
