@@ -214,6 +214,23 @@ def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
 
 # ------------------------------------------------------------------ the tool's --help
 
+def _tool():
+    """tools/preview.py as a module (cheap: it imports only the standard library)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preview as tool
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return tool
+
+
+def test_help_states_the_defaults():
+    tool = _tool()
+    helps = {a.dest: a.help for a in tool.preview_parser()._actions}
+    assert "default 4" in helps["steps"] and tool.preview_parser().get_default("steps") == 4
+    assert "default 0-15" in helps["seeds"]
+    assert "beside the solver" in helps["out"]
+
 @pytest.mark.parametrize("sub", [[], ["refine"]])
 def test_help_imports_no_heavy_library(sub):
     """`--help` answers at once: torch, tqdm, diffusers and consolver.preview load only after parsing."""

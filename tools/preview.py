@@ -42,7 +42,8 @@ def preview_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="editing backends: the reference image")
     p.add_argument("--instruction", default=None, help="editing backends: the edit instruction (the prompt)")
     p.add_argument("--seeds", default="0-15", help="noise seeds, e.g. 0-15, 3,7 or 0-3,9 (default 0-15)")
-    p.add_argument("--steps", type=int, default=4, help="K preview steps (= NFE); the solver needs a table for it")
+    p.add_argument("--steps", type=int, default=4,
+                   help="K preview steps (= NFE; default 4); the solver needs a table for it")
     p.add_argument("--compare", default="", help="training-free solvers at the same K, e.g. ddim,dpmsolver++")
     p.add_argument("--out", default=None, help="output folder (default: preview/ beside the solver directory, i.e. <solver>/../preview)")
     p.add_argument("--columns", type=int, default=8, help="tiles per row of the contact sheet (default 8)")
