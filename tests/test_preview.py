@@ -174,6 +174,9 @@ def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
             assert np.array_equal(np.asarray(sheet.convert("RGB"))[y0:y1, x0:x1], expected)
     latents = np.load(out / manifest["latents"])
     assert latents.shape == (6, 3, 32, 32)
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("refine with:"))
+    assert f"--manifest {out / 'manifest.json'}" in hint
+    assert set(parse_seeds(hint.split("--seeds ")[1])) <= set(range(6)), "the hint must name seeds of this run"
 
     # refine needs only the manifest and the seeds (in-process: the tool's main, as the CLI calls it)
     sys.path.insert(0, str(ROOT / "tools"))
@@ -222,6 +225,13 @@ def _tool():
     finally:
         sys.path.remove(str(ROOT / "tools"))
     return tool
+
+
+@pytest.mark.parametrize("seeds,suggested", [([0, 1, 2, 3], [0, 1]), ([12], [12]), ([40, 7, 9], [40, 7])])
+def test_refine_hint_names_seeds_of_the_manifest(seeds, suggested):
+    hint = _tool().refine_hint({"seeds": seeds, "manifest_path": "/x/preview/manifest.json"})
+    assert hint.startswith("refine with: python tools/preview.py refine --manifest /x/preview/manifest.json --seeds ")
+    assert parse_seeds(hint.split("--seeds ")[1]) == suggested
 
 
 def test_help_states_the_defaults():

@@ -151,8 +151,14 @@ def run_preview(argv) -> dict:
             print(f"  preview vs final {key}: mean {sum(values) / len(values):.2f}, min {min(values):.2f}, "
                   f"max {max(values):.2f}")
     print(f"wrote {out / manifest['sheet']} and {manifest['manifest_path']}")
-    print(f"refine with: python tools/preview.py refine --manifest {manifest['manifest_path']} --seeds 3,7")
+    print(refine_hint(manifest))
     return manifest
+
+
+def refine_hint(manifest: dict) -> str:
+    """The refine command to try next, with (up to two) seeds that the manifest has."""
+    seeds = ",".join(str(s) for s in manifest["seeds"][:2])
+    return f"refine with: python tools/preview.py refine --manifest {manifest['manifest_path']} --seeds {seeds}"
 
 
 def run_refine(argv) -> dict:
