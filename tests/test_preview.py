@@ -19,8 +19,9 @@ from PIL import Image
 from consolver.config import load_config
 from consolver.data.format import _load_npy, parse_meta
 from consolver.data.writer import make_noise
-from consolver.preview import (SheetBlock, check_num_steps, draw_sheet, format_seeds, load_solver,
-                               make_previews, parse_seeds, preview_run, refine, refine_run, tile_pixels)
+from consolver.preview import (Finals, SheetBlock, check_num_steps, draw_sheet, format_seeds, interaction_times,
+                               load_solver, make_previews, parse_seeds, preview_run, refine, refine_run, report_lines,
+                               shorten, tile_pixels)
 from consolver.scheduler import ConsistencySolverScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,35 @@ def test_sheet_has_one_labelled_tile_per_seed(tmp_path):
         lx0, ly0, lx1, ly1 = tile.label_box
         assert ly1 <= y0 and (pixels[ly0:ly1, lx0:lx1] < 128).any()
     assert tiles[4].box[1] > tiles[3].box[1]  # 4 columns: seed 4 starts the second band
+
+
+# ------------------------------------------------------------------ refine's report
+
+@pytest.mark.parametrize("text,width,expected", [
+    ("a purple circle on the left and an orange circle at the bottom", 40, "a purple circle on the left and an\u2026"),
+    ("a red circle on the left", 40, "a red circle on the left"),
+    ("a  red\ncircle", 40, "a red circle"),
+    ("a red circle on the left", 14, "a red circle\u2026"),
+    ("a red circle, on the left", 14, "a red circle\u2026"),
+    ("supercalifragilistic", 8, "superca\u2026"),
+])
+def test_shorten_cuts_at_a_word_boundary(text, width, expected):
+    assert shorten(text, width) == expected and len(shorten(text, width)) <= width
+
+
+def test_refine_report_counts_the_refined_seeds_and_keeps_words_whole():
+    prompt = "a purple circle on the left and an orange circle at the bottom"
+    manifest = {"num_steps": 4, "timings": {"previews": 16, "preview_seconds": 0.032, "seconds_per_preview": 0.002}}
+    finals = Finals([], [3, 7], torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "dpmsolver++", 40, 0.134, 2, 1, False)
+    timings = interaction_times(manifest, finals)
+    assert timings["refined"] == 2 and timings["nfe_preview_and_refine"] == 16 * 4 + 2 * 40
+    assert timings["preview_and_refine_s"] == pytest.approx(0.032 + 0.134)
+    entries = [{"seed": s, "prompt": prompt, "final": f"finals/p0_seed{s}.png", "reward": {"pixel_psnr": 20.0}}
+               for s in (3, 7)]
+    lines = report_lines({"timings": timings, "entries": entries})
+    assert any(line.startswith("preview 16 + refine 2: 0.166 s (144 NFE)") for line in lines), lines
+    seed_lines = [line for line in lines if line.startswith("  seed ")]
+    assert len(seed_lines) == 2 and all("(a purple circle on the left and an\u2026)" in line for line in seed_lines)
 
 
 # ------------------------------------------------------------------ errors

@@ -61,6 +61,19 @@ class SheetLayout:
         return sorted((t for t in self.tiles if t.row == name and t.block == block), key=lambda t: t.column)
 
 
+def shorten(text: str, width: int = 40, ellipsis: str = "\u2026") -> str:
+    """``text`` on one line in at most ``width`` characters, cut at a word boundary and ended with
+    ``ellipsis`` when it is longer (a single word longer than ``width`` is cut inside it)."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    room = max(1, width - len(ellipsis))
+    head = text[:room]
+    if text[room] != " " and " " in head:  # the cut falls inside a word: drop that word
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip(" ,;:") + ellipsis
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)

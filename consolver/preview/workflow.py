@@ -30,7 +30,7 @@ from consolver.data.format import to_uint8_hwc
 from consolver.data.prompts import PromptRecord
 from consolver.preview.core import (LEARNED, Progress, check_num_steps, consistency, format_seeds, load_solver,
                                     make_previews, refine)
-from consolver.preview.sheet import SheetBlock, draw_sheet
+from consolver.preview.sheet import SheetBlock, draw_sheet, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +246,10 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
 
 
 def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
-    """The paper's interaction-time argument as numbers, for N previewed entries.
+    """The paper's interaction-time argument as numbers, for N previewed entries of which n were refined.
 
-    ``preview_and_refine_one_s`` = previews of all N + one final; ``refine_all_s`` = all N finals
+    ``preview_and_refine_s`` = previews of all N + this refine of the n chosen finals (measured);
+    ``refine_all_s`` = all N finals
     (measured when ``preview --refine-all`` ran, else estimated from this refine: an exact refine
     runs fixed-shape solves of ``chunk`` rows, so N finals cost ``ceil(N / chunk)`` of them; a
     non-exact one is scaled linearly). NFE counts model evaluations per image.
@@ -256,7 +257,6 @@ def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
     t = manifest["timings"]
     N, n = int(t["previews"]), len(finals)
     per_solve = finals.seconds / finals.num_chunks
-    one = per_solve if finals.exact else finals.seconds / n
     measured = t.get("measured_refine_all_seconds")
     if measured is not None:
         all_s, how = float(measured), "measured"
@@ -268,8 +268,8 @@ def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
     return {"N": N, "refined": n, "K": K, "final_steps": S, "exact": finals.exact, "chunk": finals.chunk,
             "preview_seconds": t["preview_seconds"], "seconds_per_preview": t["seconds_per_preview"],
             "refine_seconds": finals.seconds, "seconds_per_final": finals.seconds / n,
-            "preview_and_refine_one_s": t["preview_seconds"] + one, "refine_all_s": all_s, "refine_all_how": how,
-            "nfe_preview_and_refine_one": N * K + S, "nfe_refine_all": N * S}
+            "preview_and_refine_s": t["preview_seconds"] + finals.seconds, "refine_all_s": all_s,
+            "refine_all_how": how, "nfe_preview_and_refine": N * K + n * S, "nfe_refine_all": N * S}
 
 
 def report_lines(result: Dict[str, Any]) -> List[str]:
@@ -279,12 +279,12 @@ def report_lines(result: Dict[str, Any]) -> List[str]:
         f"previews: {t['N']} at K={t['K']} in {t['preview_seconds']:.3f} s ({1e3 * t['seconds_per_preview']:.1f} ms per preview, batched)",
         f"finals:   {t['refined']} at {t['final_steps']} steps in {t['refine_seconds']:.3f} s "
         f"({1e3 * t['seconds_per_final']:.1f} ms per final{', exact: solves of ' + str(t['chunk']) + ' rows' if t['exact'] else ''})",
-        f"preview {t['N']} + refine 1: {t['preview_and_refine_one_s']:.3f} s ({t['nfe_preview_and_refine_one']} NFE)  vs  "
+        f"preview {t['N']} + refine {t['refined']}: {t['preview_and_refine_s']:.3f} s ({t['nfe_preview_and_refine']} NFE)  vs  "
         f"refine all {t['N']}: {t['refine_all_s']:.3f} s ({t['nfe_refine_all']} NFE; {t['refine_all_how']})  -> "
-        f"{t['refine_all_s'] / max(t['preview_and_refine_one_s'], 1e-12):.2f}x time, "
-        f"{t['nfe_refine_all'] / t['nfe_preview_and_refine_one']:.2f}x NFE",
+        f"{t['refine_all_s'] / max(t['preview_and_refine_s'], 1e-12):.2f}x time, "
+        f"{t['nfe_refine_all'] / t['nfe_preview_and_refine']:.2f}x NFE",
     ]
     for e in result["entries"]:
         scores = ", ".join(f"{k} {v:.2f}" for k, v in e["reward"].items())
-        lines.append(f"  seed {e['seed']} ({e['prompt'][:40]}): preview vs final: {scores} -> {e['final']}")
+        lines.append(f"  seed {e['seed']} ({shorten(e['prompt'], 40)}): preview vs final: {scores} -> {e['final']}")
     return lines
