@@ -90,6 +90,16 @@ def test_refine_reproduces_make_shards_targets_bit_for_bit():
     assert torch.equal(two.latents[0], samples[6][3]) and torch.equal(two.latents[1], samples[2][3])
 
 
+@pytest.mark.slow
+def test_refine_is_not_exact_by_default_and_says_so():
+    cfg = load_config(TOY, SMALL)
+    finals = refine(cfg, [PROMPT, PROMPT], [0, 1])
+    assert not finals.exact and finals.chunk == 2 != cfg.data.solve_batch_size  # one solve of the 2 seeds, unpadded
+    doc = " ".join(refine.__doc__.split())
+    assert "Off by default, on every device" in doc and "default on" not in doc
+    assert "off by default" in " ".join(refine_run.__doc__.split())
+
+
 # ------------------------------------------------------------------ contact sheet
 
 def test_sheet_has_one_labelled_tile_per_seed(tmp_path):

@@ -165,11 +165,12 @@ def load_manifest(path: str) -> Dict[str, Any]:
 
 
 def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[int] = None,
-               prompt_index: Optional[int] = None, exact: Optional[bool] = None, columns: int = 8,
+               prompt_index: Optional[int] = None, exact: bool = False, columns: int = 8,
                progress: Optional[Progress] = None, all_seeds: bool = False) -> Dict[str, Any]:
     """Finals of the chosen ``seeds`` (of every prompt, or of ``prompt_index``) of a preview run.
 
     Writes the finals and ``refine_sheet.png`` next to the manifest and records them in it.
+    ``exact`` (off by default) solves in the make_shards batch shape: see :func:`~consolver.preview.core.refine`.
     Returns ``{"manifest", "entries" (the refined ones, with "reward"), "timings", "sheet"}``;
     ``timings`` holds the interaction-time comparison (see :func:`interaction_times`).
     """
