@@ -274,6 +274,35 @@ def test_refine_hint_names_seeds_of_the_manifest(seeds, suggested):
     assert parse_seeds(hint.split("--seeds ")[1]) == suggested
 
 
+def test_list_prompts_toy(capsys):
+    from consolver.backends.toy_scenes import prompt_list
+
+    listing = _tool().main(["--list-prompts", "--config", TOY, *SMALL])  # no --solver needed
+    printed = capsys.readouterr().out.splitlines()
+    assert listing["train"] == prompt_list("train", 2) and listing["heldout"] == prompt_list("heldout", 1)
+    assert printed[0] == "toy: 2 configured prompts (train split):"
+    assert printed[1:3] == [f"  {p}" for p in prompt_list("train", 2)]
+    assert printed[3].startswith("toy: 1 held-out prompts") and printed[4] == f"  {prompt_list('heldout', 1)[0]}"
+
+
+def test_list_prompts_other_backends(tmp_path, capsys):
+    sd15 = str(ROOT / "conf" / "sd15_depth.yaml")
+    listing = _tool().main(["--list-prompts", "--config", sd15, "data.prompts=null"])
+    assert "train" not in listing and "has no prompt list of its own" in capsys.readouterr().out
+    prompt_file = tmp_path / "mine.txt"
+    prompt_file.write_text("a lighthouse at dusk\n\na teapot\n")
+    listing = _tool().main(["--list-prompts", "--config", sd15, f"data.prompts={prompt_file}"])
+    printed = capsys.readouterr().out
+    assert listing["prompts"] == ["a lighthouse at dusk", "a teapot"]
+    assert f"prompt file {prompt_file} (data.prompts): 2 prompts" in printed and "  a teapot" in printed
+
+
+def test_solver_is_required_without_list_prompts(capsys):
+    with pytest.raises(SystemExit):
+        _tool().main(["--config", TOY, "--prompt", PROMPT])
+    assert "required: --solver (or --list-prompts)" in capsys.readouterr().err
+
+
 def test_help_states_the_defaults():
     tool = _tool()
     helps = {a.dest: a.help for a in tool.preview_parser()._actions}

@@ -3,6 +3,7 @@
     python tools/preview.py --solver outputs/toy_depth/scheduler --config conf/toy_depth.yaml \\
         --prompt "a red triangle on the left" --seeds 0-15 --steps 4 --compare ddim,dpmsolver++
     python tools/preview.py refine --manifest outputs/toy_depth/preview/manifest.json --seeds 3,7
+    python tools/preview.py --list-prompts --config conf/toy_depth.yaml
 
 preview (the default subcommand): one K-step preview per seed (and prompt) with the trained
 solver, batched; writes contact_sheet.png, previews/*.png, preview_latents.npy and manifest.json
@@ -15,6 +16,10 @@ refine: the full-step reference solve (reference.solver, reference.num_steps, as
 its targets) from the same noise and condition for the chosen seeds; writes finals/*.png (+ .npy)
 and refine_sheet.png (preview | final), prints the timings and the configured reward between each
 preview and its final. Seed s always means the noise make_noise([s], latent_shape).
+
+--list-prompts: the prompts the config knows. On the toy worlds only the configured prompts
+(train, and the held-out ones) preview well: they make the unconditional mixture that guidance
+pushes away from. Other backends: the config's prompt file (data.prompts), if any.
 """
 
 from __future__ import annotations
@@ -35,10 +40,14 @@ log = logging.getLogger("preview")
 def preview_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="preview.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. guidance=3")
-    p.add_argument("--solver", required=True, help="trained scheduler directory (e.g. outputs/toy_depth/scheduler)")
+    p.add_argument("--solver", default=None, help="trained scheduler directory (e.g. outputs/toy_depth/scheduler); required "
+                                                  "unless --list-prompts")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: conf/toy_depth.yaml)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--list-prompts", action="store_true",
+                   help="list the prompts the config knows and exit: a toy world's configured (train) and held-out "
+                        "prompts, else the config's prompt file (data.prompts)")
     p.add_argument("--image", default=None, help="editing backends: the reference image")
     p.add_argument("--instruction", default=None, help="editing backends: the edit instruction (the prompt)")
     p.add_argument("--seeds", default="0-15", help="noise seeds, e.g. 0-15, 3,7 or 0-3,9 (default 0-15)")
@@ -117,7 +126,12 @@ def _setup(args) -> Bars:
 
 
 def run_preview(argv) -> dict:
-    args = preview_parser().parse_intermixed_args(argv)
+    parser = preview_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.list_prompts:
+        return list_prompts(args.config, args.overrides)
+    if not args.solver:
+        parser.error("the following arguments are required: --solver (or --list-prompts)")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from consolver.preview import parse_seeds, preview_run
@@ -159,6 +173,17 @@ def refine_hint(manifest: dict) -> str:
     """The refine command to try next, with (up to two) seeds that the manifest has."""
     seeds = ",".join(str(s) for s in manifest["seeds"][:2])
     return f"refine with: python tools/preview.py refine --manifest {manifest['manifest_path']} --seeds {seeds}"
+
+
+def list_prompts(config: str, overrides) -> dict:
+    """Print the prompts ``config`` knows (``--list-prompts``); returns the listing."""
+    from consolver.config import load_config
+    from consolver.preview.prompts import listing_lines, prompt_listing
+
+    listing = prompt_listing(load_config(config, list(overrides)))
+    for line in listing_lines(listing):
+        print(line)
+    return listing
 
 
 def run_refine(argv) -> dict:
