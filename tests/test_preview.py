@@ -249,7 +249,8 @@ def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
     solver = tmp_path / "run_a" / "scheduler"
     shutil.copytree(solver_dir, solver)
     config_out = tmp_path / "config_output_dir"
-    manifest = preview_run(TOY, str(solver), [PROMPT], [0, 1], 3, overrides=[*SMALL, f"output_dir={config_out}"])
+    with pytest.warns(UserWarning, match="outside the configured set"):  # PROMPT is not among SMALL's 3 prompts
+        manifest = preview_run(TOY, str(solver), [PROMPT], [0, 1], 3, overrides=[*SMALL, f"output_dir={config_out}"])
     assert Path(manifest["manifest_path"]) == tmp_path / "run_a" / "preview" / "manifest.json"
     assert (tmp_path / "run_a" / "preview" / "contact_sheet.png").is_file()
     assert not (config_out / "preview").exists(), "a preview of this solver must not land in the config's output_dir"
@@ -295,6 +296,25 @@ def test_list_prompts_other_backends(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert listing["prompts"] == ["a lighthouse at dusk", "a teapot"]
     assert f"prompt file {prompt_file} (data.prompts): 2 prompts" in printed and "  a teapot" in printed
+
+
+def test_prompt_outside_the_toy_set_warns_with_examples_and_the_list_command():
+    import warnings
+
+    from consolver.backends import build_backend
+    from consolver.preview.prompts import warn_unconfigured
+
+    backend = build_backend(load_config(TOY, SMALL).backend)
+    configured = backend.prompts()
+    with pytest.warns(UserWarning) as caught:
+        outside = warn_unconfigured(backend, [PROMPT, configured[0]], TOY)
+    assert outside == [PROMPT] and len(caught) == 1
+    message = str(caught[0].message)
+    assert repr(PROMPT) in message and f"python tools/preview.py --list-prompts --config {TOY}" in message
+    assert all(repr(p) in message for p in configured), "the warning names valid prompts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_unconfigured(backend, [p.upper() + "." for p in configured], TOY) == []  # canonical forms match
 
 
 def test_solver_is_required_without_list_prompts(capsys):

@@ -79,3 +79,25 @@ def listing_lines(listing: Dict[str, Any]) -> List[str]:
         lines.append(listing["message"])
     return lines
 
+
+
+def warn_unconfigured(backend, prompts: Sequence[str], config: Optional[str] = None) -> List[str]:
+    """``warnings.warn`` (a ``UserWarning``) when a ``toy`` backend is asked for prompts outside its
+    configured set: they are not in the unconditional mixture, so every solver's previews of
+    them are poor. The warning names some configured prompts and the ``--list-prompts`` command.
+    Returns the offending prompts (canonical); other backends: ``[]``.
+    """
+    if getattr(backend, "name", None) != "toy":
+        return []
+    from consolver.backends.toy_scenes import canonical_prompt
+
+    configured = backend.prompts()
+    outside = [p for p in dict.fromkeys(canonical_prompt(q) for q in prompts) if p not in configured]
+    if outside:
+        examples = "; ".join(repr(p) for p in configured[:NAMED_IN_WARNING])
+        command = "python tools/preview.py --list-prompts" + (f" --config {config}" if config else "")
+        warnings.warn(f"toy prompt(s) {', '.join(repr(p) for p in outside)} are outside the configured set of "
+                      f"{len(configured)} prompts, so previews of them are poor with every solver (guidance pushes "
+                      f"away from a mixture that does not hold them). Configured prompts include {examples}; "
+                      f"list them all with: {command}", UserWarning, stacklevel=2)
+    return outside

@@ -30,6 +30,7 @@ from consolver.data.format import to_uint8_hwc
 from consolver.data.prompts import PromptRecord
 from consolver.preview.core import (LEARNED, Progress, check_num_steps, consistency, format_seeds, load_solver,
                                     make_previews, refine)
+from consolver.preview.prompts import warn_unconfigured
 from consolver.preview.sheet import SheetBlock, draw_sheet, shorten
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     check = getattr(backend, "check_prompts", None)
     if check is not None:
         check(list(prompts))
+    warn_unconfigured(backend, list(prompts), config)
     previews = make_previews(cfg, solver, prompts, seeds, num_steps, backend=backend, compare=compare,
                              ref_image=ref_image, batch_size=batch_size, progress=progress)
     n_seeds = len(seeds)
