@@ -193,17 +193,20 @@ def test_tool_errors_are_one_line(monkeypatch, solver_dir, args, message):
 
 # ------------------------------------------------------------------ the tool end to end
 
+@pytest.mark.slow
 def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tools" / "preview.py"), "--solver", str(solver_dir), "--config", TOY,
            "--prompt", PROMPT, "--seeds", "0-5", "--steps", "3", "--compare", "ddim,dpmsolver++", "--out", str(out),
-           "--columns", "4", "--no-progress", "--threads", "1", *SMALL]
+           "--columns", "4", "--no-progress", "--threads", "1", "--no-final", *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 previews at K=3" in result.stdout and "ms per preview" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_steps"] == 3 and manifest["overrides"] == SMALL and manifest["prompts"] == [PROMPT]
+    assert not manifest["final"] and "final row" not in result.stdout and not (out / "finals").exists()
+    assert [r["kind"] for r in manifest["sheet_rows"]] == ["preview"] * 3
     assert [e["seed"] for e in manifest["entries"]] == list(range(6))
     with Image.open(out / manifest["sheet"]) as sheet:
         assert sheet.size[0] > 4 * 128
@@ -254,6 +257,45 @@ def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
     assert Path(manifest["manifest_path"]) == tmp_path / "run_a" / "preview" / "manifest.json"
     assert (tmp_path / "run_a" / "preview" / "contact_sheet.png").is_file()
     assert not (config_out / "preview").exists(), "a preview of this solver must not land in the config's output_dir"
+    assert manifest["final"] and manifest["sheet_rows"][-1]["kind"] == "final"  # the toy default: a final row
+
+
+@pytest.mark.slow
+def test_contact_sheet_final_row_and_reward_captions(tmp_path, solver_dir):
+    from consolver.backends import build_backend
+    from consolver.preview import default_final
+    from consolver.rewards.pixel import psnr
+
+    seeds = [0, 2, 5]
+    out = tmp_path / "run"
+    manifest = preview_run(TOY, str(solver_dir), [PROMPT], seeds, 3, str(out), overrides=SMALL, compare=["ddim"],
+                           final=True)
+    layout, cfg = manifest["layout"], load_config(TOY, SMALL)
+    rows = manifest["sheet_rows"]
+    assert [r["kind"] for r in rows] == ["preview", "preview", "final"] and rows[-1]["num_steps"] == 6
+    final_tiles = layout.row(rows[-1]["name"])
+    assert [t.label for t in final_tiles] == [f"seed {s}" for s in seeds]
+    backend = build_backend(cfg.backend)
+    again = refine(cfg, [PROMPT] * 3, seeds, backend=backend)  # the final row is the refine of those seeds
+    with Image.open(out / manifest["sheet"]) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    for tile, image, e in zip(final_tiles, tile_pixels(again.images, layout.tile_size), manifest["entries"]):
+        x0, y0, x1, y1 = tile.box
+        assert np.array_equal(pixels[y0:y1, x0:x1], np.asarray(image))
+        assert list(tile.box) == e["final_tile"] and (out / e["final"]).is_file()
+        assert np.array_equal(np.load(out / e["final_latent"]), again.latents[e["row"]].numpy())
+    previews = backend.decode(torch.from_numpy(np.load(out / manifest["latents"])))
+    want = psnr(previews, again.images)  # the configured reward (pixel_psnr) of each preview against its final
+    learned, ddim = layout.row(rows[0]["name"]), layout.row(rows[1]["name"])
+    for b, e in enumerate(manifest["entries"]):
+        assert e["reward"]["pixel_psnr"] == pytest.approx(float(want[b]), abs=1e-4)
+        assert learned[b].caption == f"pixel_psnr {e['reward']['pixel_psnr']:.2f}"
+        assert ddim[b].caption == f"pixel_psnr {e['compare_reward']['DDIM']['pixel_psnr']:.2f}"
+        y1 = learned[b].box[3]  # the caption is drawn under the tile
+        assert (pixels[y1 + 2:y1 + 14, learned[b].box[0]:learned[b].box[2]] < 160).any()
+    assert all(t.caption is None for t in final_tiles)
+    assert json.loads((out / "manifest.json").read_text())["sheet_rows"] == rows
+    assert default_final(cfg) and not default_final(load_config(ROOT / "conf" / "sd15_depth.yaml"))
 
 
 # ------------------------------------------------------------------ the tool's --help

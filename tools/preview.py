@@ -58,6 +58,10 @@ def preview_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=int, default=8, help="tiles per row of the contact sheet (default 8)")
     p.add_argument("--batch-size", type=int, default=None, help="previews per batched solve (default: all)")
     p.add_argument("--refine-all", action="store_true", help="also refine every seed (timings, reward of every preview)")
+    p.add_argument("--final", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a last sheet row of full-step finals (the reference solve) and caption every preview with "
+                        "its configured reward against its final (default: on for the toy backends, where the "
+                        "reference solve is cheap; off elsewhere)")
     _common(p)
     return p
 
@@ -146,7 +150,8 @@ def run_preview(argv) -> dict:
         with logging_redirect_tqdm():
             manifest = preview_run(args.config, args.solver, prompts, seeds, args.steps, args.out,
                                    overrides=args.overrides, compare=compare, ref_image=args.image, columns=args.columns,
-                                   batch_size=args.batch_size, refine_all=args.refine_all, progress=bars)
+                                   batch_size=args.batch_size, refine_all=args.refine_all, final=args.final,
+                                   progress=bars)
     finally:
         bars.close()
     t = manifest["timings"]
@@ -155,6 +160,18 @@ def run_preview(argv) -> dict:
           f"({1e3 * t['seconds_per_preview']:.1f} ms per preview, batched)")
     for name, seconds in t["compare_seconds"].items():
         print(f"  {name} at K={manifest['num_steps']}: {seconds:.3f} s")
+    if manifest["final"]:
+        rows = manifest["sheet_rows"]
+        final_row = rows[-1]
+        print(f"final row: {t['previews']} finals ({final_row['num_steps']}-step {final_row['solver']}) in "
+              f"{t['final_row_seconds']:.3f} s")
+        entries = manifest["entries"]
+        key = next(iter(entries[0]["reward"]))
+        for row in rows[:-1]:
+            values = [e["reward"][key] if row["solver"] == rows[0]["solver"] else e["compare_reward"][row["solver"]][key]
+                      for e in entries]
+            print(f"  {row['solver']} K={manifest['num_steps']} vs final {key}: mean {sum(values) / len(values):.2f}, "
+                  f"min {min(values):.2f}, max {max(values):.2f}")
     if "refine_all" in t:
         r = t["refine_all"]
         print(f"{r['refined']} finals at {r['final_steps']} steps in {r['refine_seconds']:.3f} s "
