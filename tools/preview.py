@@ -119,7 +119,15 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """User-facing warnings (e.g. a toy prompt outside the configured set) as one plain line."""
+    return f"preview: warning: {message}\n"
+
+
 def _setup(args) -> Bars:
+    import warnings
+
+    warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
