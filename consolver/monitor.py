@@ -12,6 +12,7 @@ Scalars of each update are logged by the algorithm itself (``train/...``)."""
 from __future__ import annotations
 
 import logging
+import textwrap
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,17 +107,18 @@ def table_heatmap(table: np.ndarray, cell: int = 56, limit: float = 2.0, title: 
 
 
 def draw_preview_grid(previews: torch.Tensor, targets: torch.Tensor, prompts: Optional[Sequence[str]] = None,
-                      num_steps: Optional[int] = None, prompt_width: int = 32):
+                      num_steps: Optional[int] = None, prompt_width: int = 28):
     """Each sample a row, ``preview K=..`` | ``target``, labelled: column headers, and on the left
-    the sample's index and prompt (shortened at a word boundary to ``prompt_width`` characters).
-    Images ``[B, 3, H, W]`` in [0, 1]; small ones are upscaled (nearest) to tiles of >= 128 px.
+    the sample's index and prompt (at most two lines of ``prompt_width`` characters, shortened at
+    a word boundary). Images ``[B, 3, H, W]`` in [0, 1]; small ones are upscaled (nearest) to
+    tiles of >= 128 px.
     Returns ``(RGB image, SheetLayout)`` (:func:`consolver.preview.sheet.draw_sheet`)."""
     from consolver.preview.sheet import SheetBlock, draw_sheet, shorten
 
     previews, targets = previews.float().cpu().clamp(0, 1), targets.float().cpu().clamp(0, 1)
     head = "preview" if num_steps is None else f"preview K={num_steps}"
-    names = [f"{b}: {shorten(prompts[b], prompt_width)}" if prompts is not None else f"sample {b}"
-             for b in range(previews.shape[0])]
+    names = [f"{b}: " + "\n".join(textwrap.wrap(shorten(prompts[b], 2 * prompt_width), prompt_width))
+             if prompts is not None else f"sample {b}" for b in range(previews.shape[0])]
     rows = {name: torch.stack([previews[b], targets[b]]) for b, name in enumerate(names)}
     return draw_sheet([SheetBlock("", [head, "target"], rows)], columns=2)
 

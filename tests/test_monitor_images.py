@@ -40,7 +40,8 @@ def test_preview_grid_is_upscaled_and_labelled():
         assert (pixels[y0:y1, x0:x1] == colour).all()
     assert all(_dark(pixels, t.label_box) for t in tiles[:2])
     rows = [t.row for t in tiles[::2]]
-    assert rows[0] == "0: a purple circle on the left and\u2026" and rows[1] == "1: a red circle on the left"
+    assert rows[0] == "0: a purple circle on the left\nand an orange circle at the\u2026"  # 2 lines, whole words
+    assert rows[1] == "1: a red circle on the left"
     for t in tiles[::2]:  # the prompt is drawn left of its row
         assert _dark(pixels, (0, t.box[1], t.box[0] - 4, t.box[3]))
     other = preview_grid(previews, targets, ["a green square on the right", "a blue square at the top",
