@@ -125,9 +125,6 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _setup(args) -> Bars:
-    import warnings
-
-    warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -241,6 +238,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import warnings
+
+    warnings.formatwarning = _format_warning  # only as a program: main() called in-process changes nothing global
     try:
         main()
     except (ValueError, OSError) as err:  # bad paths, seeds, K or config (ConfigError): one line, no traceback
