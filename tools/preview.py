@@ -9,8 +9,10 @@ preview (the default subcommand): one K-step preview per seed (and prompt) with 
 solver, batched; writes contact_sheet.png, previews/*.png, preview_latents.npy and manifest.json
 into --out (default: preview/ beside the solver directory, e.g. outputs/toy_depth/preview for
 --solver outputs/toy_depth/scheduler, so previews of different solvers never overwrite each
-other). --compare adds rows of training-free solvers at the same K. Positional key=value
-arguments override the config. Editing backends: --image and --instruction.
+other). --compare adds rows of training-free solvers at the same K. --final (default on the toy
+backends, where the full-step solve is cheap) adds a last row of full-step finals and captions
+every preview with its configured reward against its final. Positional key=value arguments
+override the config. Editing backends: --image and --instruction.
 
 refine: the full-step reference solve (reference.solver, reference.num_steps, as make_shards makes
 its targets) from the same noise and condition for the chosen seeds; writes finals/*.png (+ .npy)
