@@ -19,8 +19,9 @@ from PIL import Image
 from consolver.config import load_config
 from consolver.data.format import _load_npy, parse_meta
 from consolver.data.writer import make_noise
-from consolver.preview import (SheetBlock, check_num_steps, draw_sheet, format_seeds, load_solver,
-                               make_previews, parse_seeds, preview_run, refine, refine_run, tile_pixels)
+from consolver.preview import (Finals, SheetBlock, check_num_steps, draw_sheet, format_seeds, interaction_times,
+                               load_solver, make_previews, parse_seeds, preview_run, refine, refine_run, report_lines,
+                               shorten, tile_pixels)
 from consolver.scheduler import ConsistencySolverScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,15 @@ def test_refine_matches_the_shipped_shards_to_rounding():
         torch.testing.assert_close(finals.latents[b], target, rtol=0, atol=SHIPPED_ATOL)
 
 
+def test_refine_is_not_exact_by_default_and_says_so():
+    cfg = load_config(TOY, SMALL)
+    finals = refine(cfg, [PROMPT, PROMPT], [0, 1])
+    assert not finals.exact and finals.chunk == 2 != cfg.data.solve_batch_size  # one solve of the 2 seeds, unpadded
+    doc = " ".join(refine.__doc__.split())
+    assert "Off by default, on every device" in doc and "default on" not in doc
+    assert "off by default" in " ".join(refine_run.__doc__.split())
+
+
 # ------------------------------------------------------------------ contact sheet
 
 def test_sheet_has_one_labelled_tile_per_seed(tmp_path):
@@ -133,6 +143,35 @@ def test_sheet_has_one_labelled_tile_per_seed(tmp_path):
         lx0, ly0, lx1, ly1 = tile.label_box
         assert ly1 <= y0 and (pixels[ly0:ly1, lx0:lx1] < 128).any()
     assert tiles[4].box[1] > tiles[3].box[1]  # 4 columns: seed 4 starts the second band
+
+
+# ------------------------------------------------------------------ refine's report
+
+@pytest.mark.parametrize("text,width,expected", [
+    ("a purple circle on the left and an orange circle at the bottom", 40, "a purple circle on the left and an\u2026"),
+    ("a red circle on the left", 40, "a red circle on the left"),
+    ("a  red\ncircle", 40, "a red circle"),
+    ("a red circle on the left", 14, "a red circle\u2026"),
+    ("a red circle, on the left", 14, "a red circle\u2026"),
+    ("supercalifragilistic", 8, "superca\u2026"),
+])
+def test_shorten_cuts_at_a_word_boundary(text, width, expected):
+    assert shorten(text, width) == expected and len(shorten(text, width)) <= width
+
+
+def test_refine_report_counts_the_refined_seeds_and_keeps_words_whole():
+    prompt = "a purple circle on the left and an orange circle at the bottom"
+    manifest = {"num_steps": 4, "timings": {"previews": 16, "preview_seconds": 0.032, "seconds_per_preview": 0.002}}
+    finals = Finals([], [3, 7], torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "dpmsolver++", 40, 0.134, 2, 1, False)
+    timings = interaction_times(manifest, finals)
+    assert timings["refined"] == 2 and timings["nfe_preview_and_refine"] == 16 * 4 + 2 * 40
+    assert timings["preview_and_refine_s"] == pytest.approx(0.032 + 0.134)
+    entries = [{"seed": s, "prompt": prompt, "final": f"finals/p0_seed{s}.png", "reward": {"pixel_psnr": 20.0}}
+               for s in (3, 7)]
+    lines = report_lines({"timings": timings, "entries": entries})
+    assert any(line.startswith("preview 16 + refine 2: 0.166 s (144 NFE)") for line in lines), lines
+    seed_lines = [line for line in lines if line.startswith("  seed ")]
+    assert len(seed_lines) == 2 and all("(a purple circle on the left and an\u2026)" in line for line in seed_lines)
 
 
 # ------------------------------------------------------------------ errors
@@ -170,17 +209,20 @@ def test_tool_errors_are_one_line(monkeypatch, solver_dir, args, message):
 
 # ------------------------------------------------------------------ the tool end to end
 
+@pytest.mark.slow
 def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "tools" / "preview.py"), "--solver", str(solver_dir), "--config", TOY,
            "--prompt", PROMPT, "--seeds", "0-5", "--steps", "3", "--compare", "ddim,dpmsolver++", "--out", str(out),
-           "--columns", "4", "--no-progress", "--threads", "1", *SMALL]
+           "--columns", "4", "--no-progress", "--threads", "1", "--no-final", *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 previews at K=3" in result.stdout and "ms per preview" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_steps"] == 3 and manifest["overrides"] == SMALL and manifest["prompts"] == [PROMPT]
+    assert not manifest["final"] and "final row" not in result.stdout and not (out / "finals").exists()
+    assert [r["kind"] for r in manifest["sheet_rows"]] == ["preview"] * 3
     assert [e["seed"] for e in manifest["entries"]] == list(range(6))
     with Image.open(out / manifest["sheet"]) as sheet:
         assert sheet.size[0] > 4 * 128
@@ -191,6 +233,9 @@ def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
             assert np.array_equal(np.asarray(sheet.convert("RGB"))[y0:y1, x0:x1], expected)
     latents = np.load(out / manifest["latents"])
     assert latents.shape == (6, 3, 32, 32)
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("refine with:"))
+    assert f"--manifest {out / 'manifest.json'}" in hint
+    assert set(parse_seeds(hint.split("--seeds ")[1])) <= set(range(6)), "the hint must name seeds of this run"
 
     # refine needs only the manifest and the seeds (in-process: the tool's main, as the CLI calls it)
     sys.path.insert(0, str(ROOT / "tools"))
@@ -212,3 +257,147 @@ def test_tool_preview_then_refine(tmp_path, solver_dir, capsys):
         assert finals[seed]["final_steps"] == 6 and "pixel_psnr" in finals[seed]["reward"]
     with pytest.raises(ValueError, match="seed\\(s\\) 9 are not in .*; it has seeds 0-5"):
         refine_run(str(out / "manifest.json"), [9])
+
+
+# ------------------------------------------------------------------ where a preview run writes
+
+def test_default_out_is_beside_the_solver(tmp_path, solver_dir):
+    import shutil
+
+    solver = tmp_path / "run_a" / "scheduler"
+    shutil.copytree(solver_dir, solver)
+    config_out = tmp_path / "config_output_dir"
+    with pytest.warns(UserWarning, match="outside the configured set"):  # PROMPT is not among SMALL's 3 prompts
+        manifest = preview_run(TOY, str(solver), [PROMPT], [0, 1], 3, overrides=[*SMALL, f"output_dir={config_out}"])
+    assert Path(manifest["manifest_path"]) == tmp_path / "run_a" / "preview" / "manifest.json"
+    assert (tmp_path / "run_a" / "preview" / "contact_sheet.png").is_file()
+    assert not (config_out / "preview").exists(), "a preview of this solver must not land in the config's output_dir"
+    assert manifest["final"] and manifest["sheet_rows"][-1]["kind"] == "final"  # the toy default: a final row
+
+
+def test_contact_sheet_final_row_and_reward_captions(tmp_path, solver_dir):
+    from consolver.backends import build_backend
+    from consolver.preview import default_final
+    from consolver.rewards.pixel import psnr
+
+    seeds = [0, 2, 5]
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="outside the configured set"):
+        manifest = preview_run(TOY, str(solver_dir), [PROMPT], seeds, 3, str(out), overrides=SMALL, compare=["ddim"],
+                               final=True)
+    layout, cfg = manifest["layout"], load_config(TOY, SMALL)
+    rows = manifest["sheet_rows"]
+    assert [r["kind"] for r in rows] == ["preview", "preview", "final"] and rows[-1]["num_steps"] == 6
+    final_tiles = layout.row(rows[-1]["name"])
+    assert [t.label for t in final_tiles] == [f"seed {s}" for s in seeds]
+    backend = build_backend(cfg.backend)
+    again = refine(cfg, [PROMPT] * 3, seeds, backend=backend)  # the final row is the refine of those seeds
+    with Image.open(out / manifest["sheet"]) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    for tile, image, e in zip(final_tiles, tile_pixels(again.images, layout.tile_size), manifest["entries"]):
+        x0, y0, x1, y1 = tile.box
+        assert np.array_equal(pixels[y0:y1, x0:x1], np.asarray(image))
+        assert list(tile.box) == e["final_tile"] and (out / e["final"]).is_file()
+        assert np.array_equal(np.load(out / e["final_latent"]), again.latents[e["row"]].numpy())
+    previews = backend.decode(torch.from_numpy(np.load(out / manifest["latents"])))
+    want = psnr(previews, again.images)  # the configured reward (pixel_psnr) of each preview against its final
+    learned, ddim = layout.row(rows[0]["name"]), layout.row(rows[1]["name"])
+    for b, e in enumerate(manifest["entries"]):
+        assert e["reward"]["pixel_psnr"] == pytest.approx(float(want[b]), abs=1e-4)
+        assert learned[b].caption == f"pixel_psnr {e['reward']['pixel_psnr']:.2f}"
+        assert ddim[b].caption == f"pixel_psnr {e['compare_reward']['DDIM']['pixel_psnr']:.2f}"
+        y1 = learned[b].box[3]  # the caption is drawn under the tile
+        assert (pixels[y1 + 2:y1 + 14, learned[b].box[0]:learned[b].box[2]] < 160).any()
+    assert all(t.caption is None for t in final_tiles)
+    assert json.loads((out / "manifest.json").read_text())["sheet_rows"] == rows
+    assert default_final(cfg) and not default_final(load_config(ROOT / "conf" / "sd15_depth.yaml"))
+
+
+# ------------------------------------------------------------------ the tool's --help
+
+def _tool():
+    """tools/preview.py as a module (cheap: it imports only the standard library)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preview as tool
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return tool
+
+
+@pytest.mark.parametrize("seeds,suggested", [([0, 1, 2, 3], [0, 1]), ([12], [12]), ([40, 7, 9], [40, 7])])
+def test_refine_hint_names_seeds_of_the_manifest(seeds, suggested):
+    hint = _tool().refine_hint({"seeds": seeds, "manifest_path": "/x/preview/manifest.json"})
+    assert hint.startswith("refine with: python tools/preview.py refine --manifest /x/preview/manifest.json --seeds ")
+    assert parse_seeds(hint.split("--seeds ")[1]) == suggested
+
+
+def test_list_prompts_toy(capsys):
+    from consolver.backends.toy_scenes import prompt_list
+
+    listing = _tool().main(["--list-prompts", "--config", TOY, *SMALL])  # no --solver needed
+    printed = capsys.readouterr().out.splitlines()
+    assert listing["train"] == prompt_list("train", 2) and listing["heldout"] == prompt_list("heldout", 1)
+    assert printed[0] == "toy: 2 configured prompts (train split):"
+    assert printed[1:3] == [f"  {p}" for p in prompt_list("train", 2)]
+    assert printed[3].startswith("toy: 1 held-out prompts") and printed[4] == f"  {prompt_list('heldout', 1)[0]}"
+
+
+def test_list_prompts_other_backends(tmp_path, capsys):
+    sd15 = str(ROOT / "conf" / "sd15_depth.yaml")
+    listing = _tool().main(["--list-prompts", "--config", sd15, "data.prompts=null"])
+    assert "train" not in listing and "has no prompt list of its own" in capsys.readouterr().out
+    prompt_file = tmp_path / "mine.txt"
+    prompt_file.write_text("a lighthouse at dusk\n\na teapot\n")
+    listing = _tool().main(["--list-prompts", "--config", sd15, f"data.prompts={prompt_file}"])
+    printed = capsys.readouterr().out
+    assert listing["prompts"] == ["a lighthouse at dusk", "a teapot"]
+    assert f"prompt file {prompt_file} (data.prompts): 2 prompts" in printed and "  a teapot" in printed
+
+
+def test_prompt_outside_the_toy_set_warns_with_examples_and_the_list_command():
+    import warnings
+
+    from consolver.backends import build_backend
+    from consolver.preview.prompts import warn_unconfigured
+
+    backend = build_backend(load_config(TOY, SMALL).backend)
+    configured = backend.prompts()
+    with pytest.warns(UserWarning) as caught:
+        outside = warn_unconfigured(backend, [PROMPT, configured[0]], TOY)
+    assert outside == [PROMPT] and len(caught) == 1
+    message = str(caught[0].message)
+    assert repr(PROMPT) in message and f"python tools/preview.py --list-prompts --config {TOY}" in message
+    assert all(repr(p) in message for p in configured), "the warning names valid prompts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_unconfigured(backend, [p.upper() + "." for p in configured], TOY) == []  # canonical forms match
+
+
+def test_solver_is_required_without_list_prompts(capsys):
+    with pytest.raises(SystemExit):
+        _tool().main(["--config", TOY, "--prompt", PROMPT])
+    assert "required: --solver (or --list-prompts)" in capsys.readouterr().err
+
+
+def test_help_states_the_defaults():
+    tool = _tool()
+    helps = {a.dest: a.help for a in tool.preview_parser()._actions}
+    assert "default 4" in helps["steps"] and tool.preview_parser().get_default("steps") == 4
+    assert "default 0-15" in helps["seeds"]
+    assert "beside the solver" in helps["out"]
+
+@pytest.mark.parametrize("sub", [[], ["refine"]])
+def test_help_imports_no_heavy_library(sub):
+    """`--help` answers at once: torch, tqdm, diffusers and consolver.preview load only after parsing."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['preview.py', *{sub!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(ROOT / 'tools' / 'preview.py')!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = [m for m in ('torch', 'tqdm', 'diffusers', 'consolver.preview', 'numpy') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: preview.py" in result.stdout and "HEAVY []" in result.stdout, result.stdout[-500:]

@@ -14,11 +14,11 @@ On disk (manifest + PNGs): :func:`preview_run` and :func:`refine_run`.
 
 from consolver.preview.core import (COMPARE_NAMES, LEARNED, Finals, Previews, check_num_steps, compare_schedulers,
                                     consistency, format_seeds, load_solver, make_previews, parse_seeds, refine)
-from consolver.preview.sheet import SheetBlock, SheetLayout, Tile, default_tile_size, draw_sheet, tile_pixels
-from consolver.preview.workflow import (MANIFEST, check_writable, interaction_times, load_manifest, preview_run,
-                                        refine_run, report_lines)
+from consolver.preview.sheet import SheetBlock, SheetLayout, Tile, default_tile_size, draw_sheet, shorten, tile_pixels
+from consolver.preview.workflow import (MANIFEST, check_writable, default_final, default_out, interaction_times,
+                                        load_manifest, preview_run, refine_run, report_lines, scorer)
 
 __all__ = ["COMPARE_NAMES", "Finals", "LEARNED", "MANIFEST", "Previews", "SheetBlock", "SheetLayout", "Tile",
-           "check_num_steps", "check_writable", "compare_schedulers", "consistency", "default_tile_size", "draw_sheet",
+           "check_num_steps", "check_writable", "compare_schedulers", "consistency", "default_final", "default_out", "default_tile_size", "draw_sheet",
            "format_seeds", "interaction_times", "load_manifest", "load_solver", "make_previews", "parse_seeds",
-           "preview_run", "refine", "refine_run", "report_lines", "tile_pixels"]
+           "preview_run", "refine", "refine_run", "report_lines", "scorer", "shorten", "tile_pixels"]

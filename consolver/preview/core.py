@@ -262,15 +262,17 @@ class Finals:
 
 @torch.no_grad()
 def refine(cfg, prompts: Sequence[Union[str, PromptRecord]], seeds: Sequence[int], *, num_steps: Optional[int] = None,
-           backend=None, exact: Optional[bool] = None, batch_size: Optional[int] = None,
+           backend=None, exact: bool = False, batch_size: Optional[int] = None,
            progress: Optional[Progress] = None) -> Finals:
     """Finals of the entries ``(prompts[b], seeds[b])`` (parallel lists): the reference solve of
     make_shards from the same noise and condition.
 
     Args:
         num_steps: default ``cfg.reference.num_steps`` (other values are no longer the shard targets).
-        exact: pad every solve to ``cfg.data.solve_batch_size`` rows (see the module docstring);
-            default on when the backend runs on the CPU.
+        exact: pad every solve to ``cfg.data.solve_batch_size`` rows (see the module docstring), so
+            on the CPU each final is bit for bit the make_shards target. Off by default, on every
+            device: a whole writer batch per solve is slower; without it the finals agree with the
+            shard targets to float rounding.
         batch_size: rows per solve when not ``exact`` (default: all at once).
     """
     if len(prompts) != len(seeds) or not seeds:

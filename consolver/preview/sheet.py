@@ -61,7 +61,21 @@ class SheetLayout:
         return sorted((t for t in self.tiles if t.row == name and t.block == block), key=lambda t: t.column)
 
 
-def _font(size: int):
+def shorten(text: str, width: int = 40, ellipsis: str = "\u2026") -> str:
+    """``text`` on one line in at most ``width`` characters, cut at a word boundary and ended with
+    ``ellipsis`` when it is longer (a single word longer than ``width`` is cut inside it)."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    room = max(1, width - len(ellipsis))
+    head = text[:room]
+    if text[room] != " " and " " in head:  # the cut falls inside a word: drop that word
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip(" ,;:") + ellipsis
+
+
+def font(size: int):
+    """Pillow's default font at ``size`` px (the fixed bitmap font on Pillow < 10.1 or without FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
@@ -120,14 +134,14 @@ def draw_sheet(blocks: Sequence[SheetBlock], title: str = "", columns: int = 8,
     side = int(next(iter(blocks[0].rows.values())).shape[-1])
     T = int(tile_size or default_tile_size(side))
     columns = max(1, int(columns))
-    title_font, head_font, font, small = _font(20), _font(16), _font(14), _font(12)
+    title_font, head_font, body, small = font(20), font(16), font(14), font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(probe.multiline_textbbox((0, 0), name, font=font)[2] for b in blocks for name in b.rows) + 2 * PAD
+    label_w = max(probe.multiline_textbbox((0, 0), name, font=body)[2] for b in blocks for name in b.rows) + 2 * PAD
     ncols = min(columns, max(len(b.columns) for b in blocks))
     grid_w = ncols * (T + GAP) - GAP
     width = max(MARGIN + label_w + GAP + grid_w + MARGIN, 440)
     text_w = width - 2 * MARGIN
-    lh, sh, hh, th = _line_height(font), _line_height(small), _line_height(head_font), _line_height(title_font)
+    lh, sh, hh, th = _line_height(body), _line_height(small), _line_height(head_font), _line_height(title_font)
 
     # ---- pass 1: layout
     ops: List[tuple] = []  # ("text", xy, text, font, fill) | ("tile", box, image) | ("frame", box)
@@ -139,7 +153,7 @@ def draw_sheet(blocks: Sequence[SheetBlock], title: str = "", columns: int = 8,
     y += GAP if title else 0
     for bi, block in enumerate(blocks):
         y += GAP
-        for line in _wrap(probe, block.title, head_font, text_w):
+        for line in _wrap(probe, block.title, head_font, text_w) if block.title else []:
             ops.append(("text", (MARGIN, y), line, head_font, INK))
             y += hh
         for band_start in range(0, len(block.columns), ncols):
@@ -148,17 +162,17 @@ def draw_sheet(blocks: Sequence[SheetBlock], title: str = "", columns: int = 8,
             y = label_y + lh
             for ri, (name, images) in enumerate(block.rows.items()):
                 x0 = MARGIN + label_w + GAP
-                name_h = probe.multiline_textbbox((0, 0), name, font=font)[3]
-                ops.append(("mtext", (MARGIN, y + (T - name_h) // 2), name, font, INK))
+                name_h = probe.multiline_textbbox((0, 0), name, font=body)[3]
+                ops.append(("mtext", (MARGIN, y + (T - name_h) // 2), name, body, INK))
                 captions = block.captions.get(name)
                 for k, c in enumerate(band):
                     x = x0 + k * (T + GAP)
                     box = (x, y, x + T, y + T)
                     label = block.columns[c]
-                    lw = int(probe.textlength(label, font=font))
+                    lw = int(probe.textlength(label, font=body))
                     label_box = (x + (T - lw) // 2, label_y, x + (T - lw) // 2 + lw, label_y + lh)
                     if ri == 0:
-                        ops.append(("text", label_box[:2], label, font, INK))
+                        ops.append(("text", label_box[:2], label, body, INK))
                     ops.append(("tile", box, images[c]))
                     caption = captions[c] if captions else None
                     if caption:

@@ -2,8 +2,12 @@
 
 :func:`preview_run` writes into ``out``::
 
-    manifest.json          prompt, seed, K, solver, config (+ overrides) and paths of every entry
-    contact_sheet.png      the grid (one tile per seed; rows: the learned solver, then --compare)
+    manifest.json          prompt, seed, K, solver, config (+ overrides) and paths of every entry;
+                           ``sheet_rows``: the sheet's rows in order (``kind`` preview | final)
+    contact_sheet.png      the grid (one tile per seed; rows: the learned solver, then --compare,
+                           then with ``final`` the full-step finals; preview tiles captioned
+                           with their reward against the final)
+    finals/pP_seedS.png    with ``final``: each final (+ ``.npy`` latents), as refine writes them
     previews/pP_seedS.png  each preview as its own PNG; preview_latents.npy [B, *latent_shape]
 
 :func:`refine_run` reads the manifest, solves the finals of the chosen seeds with the reference
@@ -20,17 +24,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from consolver.config import ConfigError, load_config
+from consolver.config import TOY_BACKENDS, ConfigError, load_config
 from consolver.data.format import to_uint8_hwc
 from consolver.data.prompts import PromptRecord
 from consolver.preview.core import (LEARNED, Progress, check_num_steps, consistency, format_seeds, load_solver,
                                     make_previews, refine)
-from consolver.preview.sheet import SheetBlock, draw_sheet
+from consolver.preview.prompts import warn_unconfigured
+from consolver.preview.sheet import SheetBlock, draw_sheet, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,38 @@ def check_writable(out: Path) -> Path:
     except OSError as err:
         raise OSError(f"output path {str(out)!r} is not writable ({err.strerror or err})") from None
     return out
+
+
+def default_out(solver_dir) -> Path:
+    """The default preview folder of a solver: ``preview/`` beside its directory."""
+    return Path(solver_dir).parent / "preview"
+
+
+def default_final(cfg) -> bool:
+    """Whether a preview run adds the full-step final row by default: on the toy backends only
+    (there the reference solve costs milliseconds; on SD1.5/FLUX it costs a full solve per seed)."""
+    return cfg.backend.name in TOY_BACKENDS
+
+
+def scorer(cfg, backend) -> Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]]:
+    """``score(previews, finals) -> {name: [B] float}`` for images ``[B, 3, H, W]`` in [0, 1]: the
+    configured reward (``cfg.rewards``; each part and ``"reward"`` for a composite, see
+    :func:`consistency`) of each preview against its final, then ``"pixel_psnr_dB"``. The first key
+    is the configured reward (pixel PSNR when none is configured)."""
+    reward, names = None, [r.name for r in cfg.rewards]
+    if cfg.rewards:
+        from consolver.rewards import build_rewards
+
+        reward = build_rewards(cfg.rewards).to(backend.device)
+
+    def score(previews: torch.Tensor, finals: torch.Tensor) -> Dict[str, torch.Tensor]:
+        from consolver.rewards.pixel import psnr
+
+        out = consistency(reward, previews, finals, names) if reward is not None else {}
+        out["pixel_psnr_dB"] = psnr(previews, finals).float().cpu()
+        return out
+
+    return score
 
 
 def _entry_name(prompt_index: int, seed: int) -> str:
@@ -71,13 +108,23 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Sequence[int], num_steps: int,
                 out: Optional[str] = None, *, overrides: Sequence[str] = (), compare: Sequence[str] = (), ref_image: Optional[str] = None,
                 columns: int = 8, batch_size: Optional[int] = None, refine_all: bool = False,
-                progress: Optional[Progress] = None) -> Dict[str, Any]:
+                final: Optional[bool] = None, progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Previews of every (prompt, seed) at K=``num_steps``, a contact sheet and a manifest in ``out``.
 
-    ``out`` defaults to ``<cfg.output_dir>/preview``. Everything a user can get wrong is checked before any solve: the solver directory, its K
-    table, the ``--compare`` names, the config and the output folder. ``refine_all`` also solves
-    every final (the slow path the workflow avoids), for timings and the reward of every preview.
-    Returns the manifest (with ``"manifest"``: its path).
+    ``final`` adds a last row to the sheet: every seed's full-step final (the reference solve of
+    :func:`refine`, written to ``finals/`` as refine writes it), and captions every preview tile
+    with the configured reward against its final (as refine reports it), so the sheet shows which
+    solver's previews are faithful. Default (``None``): on for the toy backends, where the
+    reference solve is cheap, off elsewhere (see :func:`default_final`).
+
+    ``out`` defaults to ``preview/`` beside the solver directory (``Path(solver_dir).parent /
+    "preview"``, e.g. ``outputs/toy_depth/preview`` for ``outputs/toy_depth/scheduler``), so previews
+    of different solvers never overwrite each other. Everything a user can get wrong is checked
+    before any solve: the solver directory, its K table, the ``--compare`` names, the config and the
+    output folder. ``refine_all`` also runs :func:`refine_run` on every seed (the slow path the
+    workflow avoids), for timings and the refine sheet of every preview.
+    Returns the manifest (with ``"manifest_path"``: its path, and ``"layout"``: the sheet's
+    :class:`~consolver.preview.sheet.SheetLayout`).
     """
     from consolver.backends import build_backend
     from consolver.preview.core import COMPARE_NAMES
@@ -90,13 +137,21 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     if not prompts:
         raise ValueError("no prompt given (--prompt or --prompts FILE)")
     cfg = load_config(config, list(overrides))
-    out = check_writable(Path(out) if out else Path(cfg.output_dir) / "preview")
+    out = check_writable(Path(out) if out else default_out(solver_dir))
     backend = build_backend(cfg.backend)
     check = getattr(backend, "check_prompts", None)
     if check is not None:
         check(list(prompts))
+    warn_unconfigured(backend, list(prompts), config)
     previews = make_previews(cfg, solver, prompts, seeds, num_steps, backend=backend, compare=compare,
                              ref_image=ref_image, batch_size=batch_size, progress=progress)
+    final = default_final(cfg) if final is None else bool(final)
+    finals, scores = None, {}
+    if final:  # every seed's final, and each row's reward against it
+        finals = refine(cfg, previews.records, previews.seeds, backend=backend, batch_size=batch_size, progress=progress)
+        score = scorer(cfg, backend)
+        scores = {LEARNED: score(previews.images, finals.images)}
+        scores.update({name: score(images, finals.images) for name, images in previews.compare.items()})
     n_seeds = len(seeds)
     entries = []
     for b, (record, seed) in enumerate(zip(previews.records, previews.seeds)):
@@ -105,24 +160,47 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
         _save_png(previews.images[b], out / rel)
         entries.append({"prompt": record.text, "prompt_index": p, "seed": seed, "image": record.ref_image,
                         "row": b, "preview": rel})
+        if finals is not None:
+            stem = _entry_name(p, seed)
+            _save_png(finals.images[b], out / f"finals/{stem}.png")
+            np.save(out / f"finals/{stem}.npy", finals.latents[b].numpy())
+            entries[-1].update(final=f"finals/{stem}.png", final_latent=f"finals/{stem}.npy",
+                               final_steps=finals.num_steps,
+                               reward={k: float(v[b]) for k, v in scores[LEARNED].items()},
+                               compare_reward={name: {k: float(v[b]) for k, v in row.items()}
+                                               for name, row in scores.items() if name != LEARNED})
     np.save(out / "preview_latents.npy", previews.latents.numpy())
     K = int(num_steps)
+    row_names = {LEARNED: f"{LEARNED}\nK={K} (learned)", **{name: f"{name}\nK={K}" for name in previews.compare}}
+    all_images = {LEARNED: previews.images, **previews.compare}
+    caption = next(iter(scores[LEARNED])) if finals is not None else None  # the configured reward's name
+    final_row = f"final\n{finals.num_steps} steps" if finals is not None else None
     blocks = []
     for p, prompt in enumerate(prompts):
         rows = slice(p * n_seeds, (p + 1) * n_seeds)
-        images = {f"{LEARNED}\nK={K} (learned)": previews.images[rows]}
-        images.update({f"{name}\nK={K}": imgs[rows] for name, imgs in previews.compare.items()})
-        blocks.append(SheetBlock(f'"{prompt}"', [f"seed {s}" for s in seeds], images))
+        images = {row_names[name]: imgs[rows] for name, imgs in all_images.items()}
+        captions = {}
+        if finals is not None:
+            images[final_row] = finals.images[rows]
+            captions = {row_names[name]: [f"{caption} {float(v):.2f}" for v in scores[name][caption][rows]]
+                        for name in all_images}
+        blocks.append(SheetBlock(f'"{prompt}"', [f"seed {s}" for s in seeds], images, captions))
     title = (f"{len(previews)} previews at K={K} steps ({1e3 * previews.seconds / len(previews):.1f} ms each, "
              f"batched), seeds {format_seeds(seeds)} - solver: {solver_dir}")
+    if finals is not None:
+        title += f"; last row: the {finals.num_steps}-step {finals.solver} final, caption: {caption} vs the final"
     sheet, layout = draw_sheet(blocks, title, columns=columns)
     sheet.save(out / "contact_sheet.png")
-    learned_row = next(iter(blocks[0].rows))
+    learned_row = row_names[LEARNED]
     for e in entries:  # where each preview sits on the sheet (a UI maps a click to a seed with it)
         e["tile"] = list(layout.row(learned_row, e["prompt_index"])[e["row"] % n_seeds].box)
+        if finals is not None:
+            e["final_tile"] = list(layout.row(final_row, e["prompt_index"])[e["row"] % n_seeds].box)
     timings = {"previews": len(previews), "preview_seconds": previews.seconds,
                "seconds_per_preview": previews.seconds / len(previews),
                "compare_seconds": previews.compare_seconds}
+    if finals is not None:  # the final row is a refine of every seed: a measured refine-all time
+        timings.update(final_row_seconds=finals.seconds, measured_refine_all_seconds=finals.seconds)
     manifest = {
         "version": MANIFEST_VERSION, "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": str(Path(config).resolve()), "overrides": list(overrides),
@@ -130,6 +208,10 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
         "reference": {"solver": cfg.reference.solver, "num_steps": int(cfg.reference.num_steps)},
         "prompts": list(prompts), "seeds": [int(s) for s in seeds], "image": ref_image,
         "compare": list(compare), "sheet": "contact_sheet.png", "latents": "preview_latents.npy",
+        "sheet_rows": [{"name": row_names[name], "kind": "preview", "solver": name} for name in all_images]
+        + ([{"name": final_row, "kind": "final", "solver": finals.solver, "num_steps": finals.num_steps,
+             "caption": f"{caption} of each preview against this final"}] if finals is not None else []),
+        "final": finals is not None,
         "noise": "make_noise([seed], latent_shape) (consolver.data.writer)",
         "timings": timings, "entries": entries,
     }
@@ -157,11 +239,12 @@ def load_manifest(path: str) -> Dict[str, Any]:
 
 
 def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[int] = None,
-               prompt_index: Optional[int] = None, exact: Optional[bool] = None, columns: int = 8,
+               prompt_index: Optional[int] = None, exact: bool = False, columns: int = 8,
                progress: Optional[Progress] = None, all_seeds: bool = False) -> Dict[str, Any]:
     """Finals of the chosen ``seeds`` (of every prompt, or of ``prompt_index``) of a preview run.
 
     Writes the finals and ``refine_sheet.png`` next to the manifest and records them in it.
+    ``exact`` (off by default) solves in the make_shards batch shape: see :func:`~consolver.preview.core.refine`.
     Returns ``{"manifest", "entries" (the refined ones, with "reward"), "timings", "sheet"}``;
     ``timings`` holds the interaction-time comparison (see :func:`interaction_times`).
     """
@@ -191,15 +274,7 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
                     progress=progress)
     latents = torch.from_numpy(np.load(path.parent / manifest["latents"]))
     preview_images = backend.decode(latents[[e["row"] for e in chosen]].to(backend.device)).float().cpu()
-    scores: Dict[str, torch.Tensor] = {}
-    if cfg.rewards:
-        from consolver.rewards import build_rewards
-
-        reward = build_rewards(cfg.rewards).to(backend.device)
-        scores = consistency(reward, preview_images, finals.images, [r.name for r in cfg.rewards])
-    from consolver.rewards.pixel import psnr
-
-    scores["pixel_psnr_dB"] = psnr(preview_images, finals.images).float().cpu()
+    scores = scorer(cfg, backend)(preview_images, finals.images)
     for b, e in enumerate(chosen):
         stem = _entry_name(e["prompt_index"], e["seed"])
         _save_png(finals.images[b], out / f"finals/{stem}.png")
@@ -238,9 +313,10 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
 
 
 def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
-    """The paper's interaction-time argument as numbers, for N previewed entries.
+    """The paper's interaction-time argument as numbers, for N previewed entries of which n were refined.
 
-    ``preview_and_refine_one_s`` = previews of all N + one final; ``refine_all_s`` = all N finals
+    ``preview_and_refine_s`` = previews of all N + this refine of the n chosen finals (measured);
+    ``refine_all_s`` = all N finals
     (measured when ``preview --refine-all`` ran, else estimated from this refine: an exact refine
     runs fixed-shape solves of ``chunk`` rows, so N finals cost ``ceil(N / chunk)`` of them; a
     non-exact one is scaled linearly). NFE counts model evaluations per image.
@@ -248,7 +324,6 @@ def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
     t = manifest["timings"]
     N, n = int(t["previews"]), len(finals)
     per_solve = finals.seconds / finals.num_chunks
-    one = per_solve if finals.exact else finals.seconds / n
     measured = t.get("measured_refine_all_seconds")
     if measured is not None:
         all_s, how = float(measured), "measured"
@@ -260,8 +335,8 @@ def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:
     return {"N": N, "refined": n, "K": K, "final_steps": S, "exact": finals.exact, "chunk": finals.chunk,
             "preview_seconds": t["preview_seconds"], "seconds_per_preview": t["seconds_per_preview"],
             "refine_seconds": finals.seconds, "seconds_per_final": finals.seconds / n,
-            "preview_and_refine_one_s": t["preview_seconds"] + one, "refine_all_s": all_s, "refine_all_how": how,
-            "nfe_preview_and_refine_one": N * K + S, "nfe_refine_all": N * S}
+            "preview_and_refine_s": t["preview_seconds"] + finals.seconds, "refine_all_s": all_s,
+            "refine_all_how": how, "nfe_preview_and_refine": N * K + n * S, "nfe_refine_all": N * S}
 
 
 def report_lines(result: Dict[str, Any]) -> List[str]:
@@ -271,12 +346,12 @@ def report_lines(result: Dict[str, Any]) -> List[str]:
         f"previews: {t['N']} at K={t['K']} in {t['preview_seconds']:.3f} s ({1e3 * t['seconds_per_preview']:.1f} ms per preview, batched)",
         f"finals:   {t['refined']} at {t['final_steps']} steps in {t['refine_seconds']:.3f} s "
         f"({1e3 * t['seconds_per_final']:.1f} ms per final{', exact: solves of ' + str(t['chunk']) + ' rows' if t['exact'] else ''})",
-        f"preview {t['N']} + refine 1: {t['preview_and_refine_one_s']:.3f} s ({t['nfe_preview_and_refine_one']} NFE)  vs  "
+        f"preview {t['N']} + refine {t['refined']}: {t['preview_and_refine_s']:.3f} s ({t['nfe_preview_and_refine']} NFE)  vs  "
         f"refine all {t['N']}: {t['refine_all_s']:.3f} s ({t['nfe_refine_all']} NFE; {t['refine_all_how']})  -> "
-        f"{t['refine_all_s'] / max(t['preview_and_refine_one_s'], 1e-12):.2f}x time, "
-        f"{t['nfe_refine_all'] / t['nfe_preview_and_refine_one']:.2f}x NFE",
+        f"{t['refine_all_s'] / max(t['preview_and_refine_s'], 1e-12):.2f}x time, "
+        f"{t['nfe_refine_all'] / t['nfe_preview_and_refine']:.2f}x NFE",
     ]
     for e in result["entries"]:
         scores = ", ".join(f"{k} {v:.2f}" for k, v in e["reward"].items())
-        lines.append(f"  seed {e['seed']} ({e['prompt'][:40]}): preview vs final: {scores} -> {e['final']}")
+        lines.append(f"  seed {e['seed']} ({shorten(e['prompt'], 40)}): preview vs final: {scores} -> {e['final']}")
     return lines
