@@ -401,3 +401,13 @@ def test_help_imports_no_heavy_library(sub):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: preview.py" in result.stdout and "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+def test_a_solver_of_another_schedule_is_refused_before_any_preview(tmp_path):
+    """A flow-matching (toy_edit-like) solver with the VP toy_depth config: one clear error."""
+    flow = ConsistencySolverScheduler(schedule="flow", use_dynamic_shifting=True, solver_order=2)
+    flow.set_coefficient_tables({3: [[1.0, 0.0]] * 3})
+    flow.save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(ValueError, match="different schedules"):
+        preview_run(TOY, str(tmp_path / "scheduler"), [PROMPT], [0], 3, str(tmp_path / "out"), overrides=SMALL)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -13,11 +13,7 @@ from consolver.evaluation.fid import FidKid, InceptionWeightsError, build_fid_ki
 from consolver.evaluation.report import (STEPS_SAVED_BASELINE, learned_solver_markdown, markdown_tables, metric_names, plot_quality, steps_saved, steps_saved_line,
                                          write_csv, write_report)
 
-<<<<<<< HEAD
-__all__ = ["STEPS_SAVED_BASELINE", "learned_solver_markdown", "BASELINES", "DEISToZeroScheduler", "EVAL_SEED_OFFSET", "EvalSet", "baseline_schedulers", "check_schedule_match", "eval_prompts",
-=======
-__all__ = ["STEPS_SAVED_BASELINE", "learned_solver_markdown", "BASELINES", "DEISToZeroScheduler", "EVAL_SEED_OFFSET", "EvalSet", "FidKid", "InceptionWeightsError", "baseline_schedulers", "build_fid_kid", "eval_prompts",
->>>>>>> fid-kid
+__all__ = ["STEPS_SAVED_BASELINE", "learned_solver_markdown", "BASELINES", "DEISToZeroScheduler", "EVAL_SEED_OFFSET", "EvalSet", "FidKid", "InceptionWeightsError", "baseline_schedulers", "build_fid_kid", "check_schedule_match", "eval_prompts",
            "evaluate", "evaluate_scheduler", "make_deis", "make_eval_set", "markdown_tables", "metric_names",
            "missing_num_steps", "plot_quality", "reward_feature_names", "score_latents", "solve", "steps_saved",
            "steps_saved_line", "write_csv", "write_report"]

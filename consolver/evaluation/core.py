@@ -289,13 +289,8 @@ def evaluate(cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_n
                 extra = image_metrics.compute() if image_metrics is not None else {}
                 row.update(extra)
                 rows.append(row)
-<<<<<<< HEAD
-                logger.debug("%s K=%d: %s", name, K, ", ".join(f"{k}={v:.3f}" for k, v in row.items()
-                                                               if k in metrics))
-=======
                 shown = [f"{k}={v:.3f}" for k, v in row.items() if k in metrics]
-                logger.info("%s K=%d: %s", name, K, ", ".join(shown + [f"{k}={v:.4g}" for k, v in extra.items()]))
->>>>>>> fid-kid
+                logger.debug("%s K=%d: %s", name, K, ", ".join(shown + [f"{k}={v:.4g}" for k, v in extra.items()]))
             if on_progress is not None:
                 on_progress(name, int(K))
     return rows

@@ -139,6 +139,9 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     cfg = load_config(config, list(overrides))
     out = check_writable(Path(out) if out else default_out(solver_dir))
     backend = build_backend(cfg.backend)
+    from consolver.evaluation.core import check_schedule_match
+
+    check_schedule_match(str(solver_dir), solver, backend, f"--config {config}")
     check = getattr(backend, "check_prompts", None)
     if check is not None:
         check(list(prompts))
