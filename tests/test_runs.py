@@ -75,10 +75,16 @@ def used_dir(tmp_path_factory):
 def test_checkpoints_are_named_by_iteration_and_the_exported_policy_is_readable(used_dir, tmp_path):
     out = tmp_path / "run"
     result = fit(tiny_config(out, "algo.name=ppo", "algo.epochs=2", "algo.minibatches=2", "trainer.max_steps=4",
-                             "trainer.checkpoint_every=2", "solver.num_steps=[4]"), runtime=runtime())
+                             "trainer.checkpoint_every=2", "trainer.log_every_n_steps=2", "solver.num_steps=[4]"),
+                 runtime=runtime())
     assert result.module.updates_per_batch == 4 and result.iteration == 4
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt"]  # iterations, not optimizer steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb")).Reload()
+    steps = [e.step for e in events.Scalars("train/reward_mean")]
+    assert len(steps) == 2 and max(steps) <= 4  # every 2 iterations (not every 2 x 4 optimizer steps)
     mode = stat.S_IMODE((out / "scheduler" / "consolver_policy.safetensors").stat().st_mode)
     assert mode == stat.S_IMODE((out / "scheduler" / "scheduler_config.json").stat().st_mode)
 
