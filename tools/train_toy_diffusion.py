@@ -8,8 +8,12 @@ label dropout to a null class for classifier-free guidance, EMA weights).
 Classes: the first --train-prompts prompts of the toy train split, then the first
 --heldout-prompts of the held-out split; the null class is id C (the last class embedding).
 Writes ``<out>/unet``, ``<out>/scheduler``, ``<out>/model_index.json`` (with ``id2label``) and
-``<out>/train_metrics.json`` (timing and losses, for the model card). ``--checkpoint-every N``
-rewrites ``<out>`` with the EMA weights every N steps, so an interrupted run leaves a model.
+``<out>/train_metrics.json`` (timing and losses). ``--checkpoint-every N`` rewrites ``<out>``
+with the EMA weights every N steps, so an interrupted run leaves a model.
+
+Then (unless ``--no-eval``) it scores samples of every class with the toy segmentation reward
+(``consolver.toy_diffusion.quality``) and writes ``quality.json``, ``samples.png`` and the model
+card ``README.md``. ``--eval-only`` does just that for an existing directory.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from consolver.toy_diffusion.model import DEFAULT_MODEL_DIR, ToyUNetSpec, default_class_prompts, save_pipeline
+from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, ToyUNetSpec, default_class_prompts, load_pipeline,
+                                           save_pipeline)
 from consolver.toy_diffusion.training import TrainConfig, train
 
 
@@ -51,13 +58,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=d_cfg.seed)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="rewrite --out with the EMA weights every N steps")
+    evaluation = parser.add_argument_group("evaluation (quality.json, samples.png, README.md)")
+    evaluation.add_argument("--no-eval", action="store_true", help="skip the evaluation and the model card")
+    evaluation.add_argument("--eval-only", action="store_true", help="evaluate the existing --out directory")
+    evaluation.add_argument("--eval-samples", type=int, default=32, help="samples per class")
+    evaluation.add_argument("--eval-steps", type=int, default=25, help="sampler steps")
+    evaluation.add_argument("--eval-sampler", default="dpmsolver++", choices=("dpmsolver++", "ddim"))
+    evaluation.add_argument("--eval-guidance", type=float, default=2.0, help="classifier-free guidance scale")
     return parser.parse_args(argv)
+
+
+def evaluate(out: Path, args: argparse.Namespace) -> dict:
+    """Score the pipeline in ``out`` and write quality.json, samples.png and README.md."""
+    from consolver.rewards.toy import ToySegReward
+    from consolver.toy_diffusion.card import write_model_card
+    from consolver.toy_diffusion.quality import evaluate_classes
+
+    train_file = out / "train_metrics.json"
+    if not train_file.is_file():
+        raise SystemExit(f"{train_file} not found: --eval-only needs a directory written by this tool")
+    unet, scheduler, prompts = load_pipeline(out)
+    bar = tqdm(total=(len(prompts) + 1) * args.eval_samples, desc="samples", unit="img")
+    quality = evaluate_classes(unet, scheduler.config, prompts, ToySegReward(), args.eval_samples, args.eval_steps,
+                               args.eval_guidance, args.eval_sampler, seed=args.seed,
+                               progress=lambda done, total: bar.update(done - bar.n))
+    bar.close()
+    summary = {k: quality[k] for k in ("settings", "mean", "classes")}
+    (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(out, json.loads(train_file.read_text()), quality)
+    print(json.dumps(quality["mean"], indent=2))
+    return summary
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return evaluate(Path(args.out), args)
     levels = len(args.channels)
     attention = args.attention if args.attention is not None else [int(i >= levels - 2) for i in range(levels)]
     spec = ToyUNetSpec(block_out_channels=tuple(args.channels), attention=tuple(bool(a) for a in attention),
@@ -88,9 +126,13 @@ def main(argv=None) -> dict:
                "threads": args.threads, "num_parameters": result.num_parameters, "steps_done": result.steps,
                "train_seconds": round(result.seconds, 1), "final_mse_last200": round(result.final_mse(), 5),
                "mse_by_tenth": [round(sum(c) / len(c), 5) for c in _chunks(mses, 10)],
-               "classes": {str(i): p for i, p in enumerate(prompts)}}
+               "classes": {str(i): p for i, p in enumerate(prompts)},
+               "command": shlex.join(["python", "tools/train_toy_diffusion.py",
+                                      *(sys.argv[1:] if argv is None else argv)])}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: metrics[k] for k in ("num_parameters", "steps_done", "train_seconds", "final_mse_last200")}))
+    if not args.no_eval:
+        metrics["quality"] = evaluate(out, args)
     return metrics
 
 
