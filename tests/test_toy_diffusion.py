@@ -1,14 +1,12 @@
 """The embedded toy diffusion model (data/toy_unet/) and the code that trains and scores it."""
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from consolver.backends import toy_scenes
-from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, SD15_SCHEDULE, ToyUNetSpec, build_unet,
+from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, ToyUNetSpec, build_scheduler, build_unet,
                                            default_class_prompts, load_pipeline, read_id2label, save_pipeline)
 from consolver.toy_diffusion.training import (EMA, TrainConfig, diffusion_loss, drop_labels, lr_factor, render_batch,
                                               snr_weights, train)
@@ -94,7 +92,7 @@ def test_lr_factor_warms_up_then_decays():
 def test_snr_weights_and_label_dropout():
     abar = torch.tensor([0.999, 0.5, 0.01])
     w = snr_weights(abar, 5.0)
-    assert w[0] == pytest.approx(5 / (0.999 / 0.001)) and w[1] == 1 and w[2] == 1
+    assert w[0].item() == pytest.approx(5 / (0.999 / 0.001), rel=1e-4) and w[1] == 1 and w[2] == 1
     assert torch.equal(snr_weights(abar, None), torch.ones(3))
     g = torch.Generator().manual_seed(0)
     dropped = drop_labels(torch.zeros(4000, dtype=torch.long), 0.12, 7, g)
@@ -149,7 +147,7 @@ def test_train_tiny_lowers_loss_and_writes_loadable_pipeline(tmp_path, one_threa
     g = torch.Generator().manual_seed(123)
     ids = torch.arange(3).repeat(16)
     x0 = render_batch(scenes, ids, g, TINY_SPEC.resolution)
-    abar = torch.from_numpy(__import__("numpy").asarray(DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod))
+    abar = build_scheduler().alphas_cumprod
     torch.manual_seed(config.seed)
     initial = build_unet(TINY_SPEC, len(prompts))
     with torch.no_grad():
@@ -183,5 +181,4 @@ def test_scores_rank_real_renders_above_other_prompts(seg_reward):
     other = score_images(real_renders(shifted, g), prompts, seg_reward)
     assert own["miou"].min() > 0.5 and own["color_error"].max() < 0.1
     assert (own["miou"] > other["miou"] + 0.2).all() and (other["color_error"] > own["color_error"]).all()
-    assert math.isclose(float(own["seg_agreement"].max()), float(own["seg_agreement"].max()))  # finite, [B]
     assert own["seg_agreement"].shape == (4,) and (own["seg_agreement"] <= 100).all()

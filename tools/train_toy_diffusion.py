@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("evaluation (quality.json, samples.png, README.md)")
     evaluation.add_argument("--no-eval", action="store_true", help="skip the evaluation and the model card")
     evaluation.add_argument("--eval-only", action="store_true", help="evaluate the existing --out directory")
-    evaluation.add_argument("--eval-samples", type=int, default=32, help="samples per class")
+    evaluation.add_argument("--eval-samples", type=int, default=16, help="samples per class")
     evaluation.add_argument("--eval-steps", type=int, default=25, help="sampler steps")
     evaluation.add_argument("--eval-sampler", default="dpmsolver++", choices=("dpmsolver++", "ddim"))
     evaluation.add_argument("--eval-guidance", type=float, default=2.0, help="classifier-free guidance scale")

@@ -44,9 +44,9 @@ class ToyUNetSpec:
     """
 
     resolution: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 64)
     layers_per_block: int = 1
-    attention: tuple[bool, ...] = (False, False, True)
+    attention: tuple[bool, ...] = (False, False, True, True)
     norm_num_groups: int = 8
     attention_head_dim: int = 32
 

@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Optimisation settings of :func:`train` (``steps`` optimizer steps of ``batch_size`` renders)."""
 
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1.5e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
