@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from consolver.backends import toy_scenes
-from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, ToyUNetSpec, build_scheduler, build_unet,
+from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, SD15_SCHEDULE, ToyUNetSpec, build_scheduler, build_unet,
                                            default_class_prompts, load_pipeline, read_id2label, save_pipeline)
 from consolver.toy_diffusion.training import (EMA, TrainConfig, diffusion_loss, drop_labels, lr_factor, render_batch,
                                               snr_weights, train)
 
 #: Shipped-model thresholds (mIoU of the seg net's mask against the prompt's canonical labels,
-#: 20-step DPM-Solver++, CFG 2; see data/toy_unet/README.md for the full evaluation).
+#: 20-step DPM-Solver++, CFG 2; see data/toy_unet/README.md for the full evaluation). Measured:
+#: classes 1, 4, 13 score 0.63, 0.64, 0.56; unconditional samples 0.23-0.35, other classes 0.19-0.23;
+#: real renders ~0.8.
 MIN_MIOU = 0.45
 MIN_MARGIN = 0.2  # over unconditional samples and over another class's samples
 
@@ -41,20 +43,30 @@ def test_shipped_dir_is_small_and_safetensors_only():
     assert {"model_index.json", "README.md"} <= {p.name for p in files}
 
 
-def test_shipped_model_loads_with_sd15_schedule_and_classes():
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    unet = UNet2DModel.from_pretrained(str(DEFAULT_MODEL_DIR), subfolder="unet", use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(str(DEFAULT_MODEL_DIR), subfolder="scheduler")
-    torch.testing.assert_close(scheduler.betas.double(), sd15_betas(), rtol=1e-6, atol=0)
-    assert scheduler.config.prediction_type == "epsilon" and scheduler.config.num_train_timesteps == 1000
+def test_shipped_index_and_configs():
     index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline"
     assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
     prompts = read_id2label(DEFAULT_MODEL_DIR)
     assert prompts == default_class_prompts(12, 4)
     assert [toy_scenes.prompt_split(p) for p in prompts] == ["train"] * 12 + ["heldout"] * 4
-    assert unet.config.num_class_embeds == len(prompts) + 1  # the last embedding is the null class
+    scheduler = json.loads((DEFAULT_MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDPMScheduler"
+    assert {k: scheduler[k] for k in SD15_SCHEDULE} == SD15_SCHEDULE
+    unet = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "UNet2DModel"
+    assert unet["num_class_embeds"] == len(prompts) + 1  # the last embedding is the null class
+
+
+@pytest.mark.slow
+def test_shipped_model_loads_with_sd15_betas():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(str(DEFAULT_MODEL_DIR), subfolder="unet", use_safetensors=True)
+    scheduler = DDPMScheduler.from_pretrained(str(DEFAULT_MODEL_DIR), subfolder="scheduler")
+    torch.testing.assert_close(scheduler.betas.double(), sd15_betas(), rtol=1e-6, atol=0)
+    assert scheduler.config.prediction_type == "epsilon" and scheduler.config.num_train_timesteps == 1000
+    assert unet.config.num_class_embeds == len(read_id2label(DEFAULT_MODEL_DIR)) + 1
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (3, 3, 32)
     assert 1e6 <= sum(p.numel() for p in unet.parameters()) <= 3e6
 
@@ -65,7 +77,7 @@ def test_shipped_model_generates_the_prompted_scenes(one_thread, seg_reward):
     from consolver.toy_diffusion.sampling import sample
 
     unet, scheduler, prompts = load_pipeline()
-    classes, n = [1, 4, 13], 4  # one and two... objects; 13 is a held-out prompt
+    classes, n = [1, 4, 13], 4  # 13: a held-out prompt with three objects
     null = len(prompts)
     ids = torch.tensor(classes + [null]).repeat_interleave(n)
     images = sample(unet, scheduler.config, ids, num_steps=20, guidance=2.0, sampler="dpmsolver++",
