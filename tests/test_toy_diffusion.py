@@ -1,6 +1,7 @@
 """The embedded toy diffusion model (data/toy_unet/) and the code that trains and scores it."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_build_unet_and_save_pipeline_reject_bad_inputs(tmp_path):
         ToyUNetSpec(block_out_channels=(8, 16), attention=(True,))
     with pytest.raises(ValueError, match="attention_head_dim"):
         ToyUNetSpec(block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4, attention_head_dim=32)
-    unet = build_unet(TINY_SPEC, 3)
+    unet = SimpleNamespace(config=SimpleNamespace(num_class_embeds=4))  # a UNet2DModel for 3 classes
     with pytest.raises(ValueError, match="null class"):
         save_pipeline(unet, ["a red circle on the left"], tmp_path)
     with pytest.raises(FileNotFoundError, match="train_toy_diffusion"):

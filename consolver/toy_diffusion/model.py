@@ -115,14 +115,14 @@ def save_pipeline(unet, class_prompts: Sequence[str], out_dir: str | Path, sched
         class_prompts: prompt text of class ids ``0..C-1``.
         scheduler: defaults to :func:`build_scheduler`.
     """
-    import diffusers
-
     num_embeds = unet.config.num_class_embeds
     if num_embeds != len(class_prompts) + 1:
         raise ValueError(f"the UNet has {num_embeds} class embeddings but {len(class_prompts)} class prompts were "
                          f"given; expected num_class_embeds = classes + 1 (the last one is the null class)")
     if any(not p.is_contiguous() for p in unet.parameters()):  # e.g. trained channels-last
         unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
+    import diffusers
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
@@ -152,9 +152,9 @@ def read_id2label(path: str | Path) -> list[str]:
 
 def load_pipeline(path: str | Path = DEFAULT_MODEL_DIR):
     """``(unet, scheduler, class_prompts)`` from a pipeline directory; the UNet in eval mode."""
+    class_prompts = read_id2label(path)  # first: a clear error for a directory that is not a pipeline
     from diffusers import DDPMScheduler, UNet2DModel
 
-    class_prompts = read_id2label(path)
     unet = UNet2DModel.from_pretrained(str(path), subfolder="unet", use_safetensors=True).eval()
     scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
     if unet.config.num_class_embeds != len(class_prompts) + 1:
