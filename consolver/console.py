@@ -82,8 +82,9 @@ def setup_console(tool: str, verbose: bool = False) -> logging.Logger:
         verbose: show every library's INFO lines and every warning, in the long format.
     """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for handler in list(root.handlers):  # ours from an earlier call (a tool's main() called twice)
+        if isinstance(handler, _ConsoleHandler):
+            root.removeHandler(handler)
     handler = _ConsoleHandler(sys.stderr)
     if verbose:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -130,6 +130,7 @@ def run_tool(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_tool_end_to_end(tmp_path):
     solver = save_ddim_tables(tmp_path / "run" / "scheduler", [3])
     out = tmp_path / "run" / "eval"  # the default: beside the solver, never the config's output_dir

@@ -31,6 +31,7 @@ def distilled(tmp_path_factory):
     return cfg, _fit(cfg)
 
 
+@pytest.mark.slow
 def test_distill_learns_a_grid_that_beats_its_ddim_start_on_heldout_seeds(distilled):
     cfg, result = distilled
     rt = runtime()
@@ -83,6 +84,7 @@ def test_rl_learns_the_grid_as_an_action_column_in_the_log_prob(tmp_path):
     assert changed.tolist() == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_held_out_eval_during_training_solves_on_the_learned_grid(distilled):
     """The monitor's held-out eval is the exported solver's: tables and learned grids."""
     from types import SimpleNamespace

@@ -1,8 +1,10 @@
 """The scheduler as a drop-in for a real diffusers pipeline (tiny random components)."""
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler
+
 
 from consolver.scheduler import ConsistencySolverScheduler
 from tests.tiny_models import tiny_flux_pipeline, tiny_sd_pipeline
@@ -14,6 +16,7 @@ def _run(pipe, steps=4):
     return out.images
 
 
+@pytest.mark.slow
 def test_stable_diffusion_pipeline_end_to_end_is_deterministic(tmp_path):
     scheduler = ConsistencySolverScheduler(solver_order=3, base_solver="adams_bashforth")
     scheduler.save_pretrained(tmp_path / "scheduler")

@@ -72,6 +72,7 @@ def used_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoints_are_named_by_iteration_and_the_exported_policy_is_readable(used_dir, tmp_path):
     out = tmp_path / "run"
     result = fit(tiny_config(out, "algo.name=ppo", "algo.epochs=2", "algo.minibatches=2", "trainer.max_steps=4",
@@ -96,6 +97,7 @@ def test_a_second_fit_into_a_used_output_dir_is_refused_and_changes_nothing(used
     assert snapshot(used_dir) == before
 
 
+@pytest.mark.slow
 def test_the_fit_tool_refuses_before_making_shards(used_dir, tmp_path):
     """tools/fit.py checks output_dir before it makes any shard."""
     shards = tmp_path / "shards"
@@ -119,6 +121,7 @@ def test_resume_with_a_checkpoint_of_another_config_names_the_keys_and_writes_no
     assert snapshot(used_dir) == before
 
 
+@pytest.mark.slow
 def test_resume_may_extend_the_run(used_dir, tmp_path):
     import shutil
 

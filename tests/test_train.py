@@ -15,6 +15,8 @@ from consolver.scheduler import ConsistencySolverScheduler
 from consolver.train import export_scheduler, fit
 from tests.training import ROOT, mode_preview, runtime, sample_batch, tiny_config
 
+pytestmark = pytest.mark.slow  # training runs and subprocesses: the full tier only
+
 SCRIPT = ROOT / "tests" / "fit_script.py"
 
 

@@ -14,6 +14,8 @@ from consolver.scheduler import ConsistencySolverScheduler
 from consolver.train import fit
 from tests.training import ROOT
 
+pytestmark = pytest.mark.slow  # training runs and subprocesses: the full tier only
+
 K = 3
 #: Measured (2026-11-24, this setup): toy_dino 98.60 vs Euler 97.90, pixel PSNR 33.5 vs 32.1 dB.
 MARGIN = 0.4

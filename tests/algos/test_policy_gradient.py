@@ -20,6 +20,7 @@ def test_group_advantage_is_relative_to_the_group():
     assert normed[1].abs().max() < 0.02 and normed[0].std() > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo-gae", "ppo-kl", "rloo", "distill"])
 def test_every_algorithm_trains_its_parameters(tmp_path, algo):
     overrides = {"ppo-gae": ["algo.name=ppo", "algo.advantage=gae", "algo.epochs=2", "algo.minibatches=2"],

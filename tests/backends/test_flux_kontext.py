@@ -88,6 +88,7 @@ def test_predict_is_the_pipelines_transformer_call(kontext, tmp_path):
     torch.testing.assert_close(ours, unpack(out[:, :64], 16, 16), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn_timesteps", [False, True])
 def test_make_shards_fit_export_reproduces_the_preview_in_the_pipeline(kontext, tmp_path, learn_timesteps):
     """With a learned grid too: stored in unshifted sigma, it replaces the default sigmas the

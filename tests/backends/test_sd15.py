@@ -216,6 +216,7 @@ def trained(pipeline_dir, tmp_path_factory):
     return cfg, summary, result
 
 
+@pytest.mark.slow
 def test_make_shards_fit_export_into_a_real_stable_diffusion_pipeline(trained, pipeline_dir):
     """The exported scheduler, loaded with from_pretrained into StableDiffusionPipeline (same
     directory), reproduces the training-time mode preview for the same prompts and noise."""

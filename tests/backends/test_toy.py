@@ -108,6 +108,7 @@ def _nearest_render_rms(backend, latents):
     return k, (flat - backend._means[k].to(flat)).square().mean(1).sqrt()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_500_step_solve_ends_next_to_a_render(vp, flow, guidance):
     noise = torch.randn(6, *vp.latent_shape, generator=torch.Generator().manual_seed(0))

@@ -31,6 +31,7 @@ def _keys(loader) -> list:
     return [k for batch in loader for k in batch["key"]]
 
 
+@pytest.mark.slow
 def test_ranks_and_workers_read_disjoint_samples_that_cover_the_set(fake_shards, monkeypatch):
     urls = expand_shards(str(fake_shards))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -60,6 +61,7 @@ def test_shard_order_changes_per_epoch_but_is_reproducible(fake_shards):
     assert _keys(ShardLoader(ShardStream(_spec(urls)))) == first
 
 
+@pytest.mark.slow
 def test_resampled_mode_has_a_fixed_epoch_length_on_every_rank(fake_shards, monkeypatch):
     urls = expand_shards(str(fake_shards))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -100,6 +102,7 @@ def _corrupt(shard_dir: Path) -> None:
     path.write_bytes(path.read_bytes()[:cut])
 
 
+@pytest.mark.slow
 def test_corrupt_shards_lose_only_the_bad_samples(shard_copy, caplog):
     _corrupt(shard_copy)
     cfg = make_cfg(shard_copy, "data.num_workers=2")
@@ -185,6 +188,7 @@ def test_missing_shard_paths_name_the_config_key(tmp_path):
         ShardDataModule(cfg, backend=FakeBackend()).setup()
 
 
+@pytest.mark.slow
 def test_meta_mismatch_stops_with_both_values(fake_shards, tmp_path):
     with pytest.raises(ShardMetaError, match=r"backend='fake'.*backend='toy' \(backend.name\)"):
         ShardDataModule(make_cfg(fake_shards)).setup()
@@ -207,6 +211,7 @@ def test_meta_mismatch_stops_with_both_values(fake_shards, tmp_path):
         _keys(ShardLoader(ShardStream(_spec(urls, shard_shuffle=False)), num_workers=1))
 
 
+@pytest.mark.slow
 def test_url_forms_and_batch_structure(fake_shards):
     brace = str(fake_shards / "shard-{000000..000003}.tar")
     pipe = f"pipe:cat {fake_shards}/shard-{{000004..000007}}.tar"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from consolver.backends.toy import ToyBackend
@@ -35,6 +36,7 @@ def _shard_bytes(shard_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(shard_dir.glob("shard-*"))}
 
 
+@pytest.mark.slow
 def test_killed_make_shards_resumes_to_the_uninterrupted_result(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(_cli(tmp_path / "killed"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -69,6 +71,7 @@ def _tiny_cfg():
     return load_config(TINY, [f"data.shard_dir={ROOT / 'data' / 'toy_shards'}"])
 
 
+@pytest.mark.slow
 def test_shipped_tiny_toy_shards_are_what_their_config_makes(tmp_path):
     shard_dir = ROOT / "data" / "toy_shards"
     assert sum(p.stat().st_size for p in shard_dir.iterdir()) <= 2_000_000

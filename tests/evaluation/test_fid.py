@@ -109,6 +109,7 @@ def test_kid_shortcut_gives_torchmetrics_numbers_and_leaves_the_global_rng_alone
 # ---------------------------------------------------------------- FidKid on a stub extractor
 
 
+@pytest.mark.slow
 def test_fid_kid_zero_on_itself_growing_with_noise_and_small_sets_adapt_kid():
     images = smooth_images(200)
     stub = StubExtractor()
@@ -209,7 +210,7 @@ def load_tool():
 
 def test_tool_fid_without_weights_fails_before_any_solve(tmp_path):
     tool = load_tool()
-    with mock.patch.object(tool, "load_config", side_effect=AssertionError("got past the weights check")):
+    with mock.patch("consolver.config.load_config", side_effect=AssertionError("got past the weights check")):
         with pytest.raises(InceptionWeightsError, match="--inception-weights"):
             tool.main(["--fid", "--config", str(CONFIG), "--out", str(tmp_path)])
         with pytest.raises(InceptionWeightsError, match="--inception-weights .*no such file"):

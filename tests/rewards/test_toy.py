@@ -48,6 +48,7 @@ def test_heldout_depth_order_accuracy(depth, heldout):
     assert accuracy >= 0.9, accuracy
 
 
+@pytest.mark.slow
 def test_64x64_inputs(seg, depth, heldout):
     params, (_, labels, depth_labels) = heldout
     images64 = toy_scenes.render(params, 64)[0]
@@ -58,6 +59,7 @@ def test_64x64_inputs(seg, depth, heldout):
     assert depth(images64[:4], images64[:4]).shape == (4,)
 
 
+@pytest.mark.slow
 def test_features_and_scales(seg, depth, heldout):
     _, (images, _, _) = heldout
     target, other = images[:8], images[8:16]
@@ -72,6 +74,7 @@ def test_features_and_scales(seg, depth, heldout):
     assert torch.equal(seg.score(other, seg_features), seg(other, target))
 
 
+@pytest.mark.slow
 def test_rewards_fall_as_previews_blur(seg, depth, heldout):
     _, (images, _, _) = heldout
     target = images[:32]
@@ -81,6 +84,7 @@ def test_rewards_fall_as_previews_blur(seg, depth, heldout):
         assert scores[0] > scores[1] > scores[2], (reward.name, scores)
 
 
+@pytest.mark.slow
 def test_batched_equals_per_sample(seg, depth, heldout):
     _, (images, _, _) = heldout
     preview, target = images[:6], images[6:12]

@@ -33,6 +33,7 @@ def _bad_word_prompts(tmp_path: Path) -> str:
     (lambda tmp: f"data.prompts={_bad_word_prompts(tmp)}",
      "prompt 1 of data.prompts='{tmp}/prompts.txt' cannot be used: unknown color 'mauve' in toy prompt "),
 ], ids=["bad-key", "bad-prompt"])  # (other bad input: in-process tests of the library, which raises the same errors)
+@pytest.mark.slow
 def test_bad_input_exits_with_one_line(tmp_path, make_override, message):
     result = _run(tmp_path, make_override(tmp_path))
     assert result.returncode == 1, result.stderr[-3000:]
