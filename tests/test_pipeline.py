@@ -5,7 +5,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-
 from consolver.scheduler import ConsistencySolverScheduler
 from tests.tiny_models import tiny_flux_pipeline, tiny_sd_pipeline
 
