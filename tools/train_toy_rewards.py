@@ -3,12 +3,8 @@
     python tools/train_toy_rewards.py                 # writes data/toy_seg.safetensors, data/toy_depth.safetensors
     python tools/train_toy_rewards.py --steps 200 --out /tmp/toy_rewards   # a quick smoke run
 
-Scenes come from the *train* prompt split only (held-out color/shape pairs are never seen);
-labels are exact (the renderer draws them). Both nets train on the same batches, with a
-fixed seed; a quarter of each batch is rendered at 2x and area-downsampled, half gets its
-RGB channels permuted (shape, not color, decides the class) and some samples get pixel
-noise, so the nets also read other resolutions, unseen color pairings and imperfect previews.
-At the end both are evaluated on renders of held-out scenes (mIoU, pairwise depth order).
+What the nets see (train-split scenes, augmentations) and how they are evaluated on held-out
+scenes: consolver/rewards/toy_training.py.
 """
 
 from __future__ import annotations
