@@ -20,42 +20,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consolver.toy_diffusion.model import (DEFAULT_MODEL_DIR, ToyUNetSpec, default_class_prompts, load_pipeline,
-                                           save_pipeline)
-from consolver.toy_diffusion.training import TrainConfig, train
+#: Options whose default is the field of the same name of ToyUNetSpec / TrainConfig (filled in
+#: after parsing, so ``--help`` imports neither torch nor diffusers).
+SPEC_DEFAULTS = {"channels": "block_out_channels", "layers_per_block": "layers_per_block",
+                 "norm_groups": "norm_num_groups", "head_dim": "attention_head_dim"}
+CONFIG_DEFAULTS = ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "label_dropout", "snr_gamma", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d_spec, d_cfg = ToyUNetSpec(), TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(DEFAULT_MODEL_DIR), help="pipeline directory to write")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Options without a stated default take the shipped run's settings "
+                                            "(consolver/toy_diffusion: ToyUNetSpec, TrainConfig).")
+    parser.add_argument("--out", default=None, help="pipeline directory to write (default: data/toy_unet)")
     parser.add_argument("--train-prompts", type=int, default=12, help="classes from the toy train split")
     parser.add_argument("--heldout-prompts", type=int, default=4, help="classes from the toy held-out split")
-    parser.add_argument("--channels", type=int, nargs="+", default=list(d_spec.block_out_channels),
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
                         help="block_out_channels, one per resolution level")
     parser.add_argument("--attention", type=int, nargs="+", default=None,
                         help="1/0 per level: self-attention in that level's blocks (default: the last two levels)")
-    parser.add_argument("--layers-per-block", type=int, default=d_spec.layers_per_block)
-    parser.add_argument("--norm-groups", type=int, default=d_spec.norm_num_groups)
-    parser.add_argument("--head-dim", type=int, default=d_spec.attention_head_dim, help="attention head dimension")
-    parser.add_argument("--steps", type=int, default=d_cfg.steps)
-    parser.add_argument("--batch-size", type=int, default=d_cfg.batch_size)
-    parser.add_argument("--lr", type=float, default=d_cfg.lr)
-    parser.add_argument("--warmup-steps", type=int, default=d_cfg.warmup_steps)
-    parser.add_argument("--ema-decay", type=float, default=d_cfg.ema_decay)
-    parser.add_argument("--label-dropout", type=float, default=d_cfg.label_dropout)
-    parser.add_argument("--snr-gamma", type=float, default=d_cfg.snr_gamma, help="Min-SNR gamma; 0 = plain MSE")
+    parser.add_argument("--layers-per-block", type=int, default=None)
+    parser.add_argument("--norm-groups", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=None, help="attention head dimension")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--ema-decay", type=float, default=None)
+    parser.add_argument("--label-dropout", type=float, default=None)
+    parser.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR gamma; 0 = plain MSE")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock budget: the LR anneals by time as well and the run stops at it")
-    parser.add_argument("--seed", type=int, default=d_cfg.seed)
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="rewrite --out with the EMA weights every N steps")
     evaluation = parser.add_argument_group("evaluation (quality.json, samples.png, README.md)")
@@ -68,10 +69,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``None`` options -> the fields of ``ToyUNetSpec`` / ``TrainConfig`` (the shipped run's)."""
+    from consolver.toy_diffusion.model import DEFAULT_MODEL_DIR, ToyUNetSpec
+    from consolver.toy_diffusion.training import TrainConfig
+
+    spec, config = ToyUNetSpec(), TrainConfig()
+    for option, field in SPEC_DEFAULTS.items():
+        if getattr(args, option) is None:
+            value = getattr(spec, field)
+            setattr(args, option, list(value) if isinstance(value, tuple) else value)
+    for option in CONFIG_DEFAULTS:
+        if getattr(args, option) is None:
+            setattr(args, option, getattr(config, option))
+    args.out = args.out or str(DEFAULT_MODEL_DIR)
+    return args
+
+
 def evaluate(out: Path, args: argparse.Namespace) -> dict:
     """Score the pipeline in ``out`` and write quality.json, samples.png and README.md."""
+    from tqdm import tqdm
+
     from consolver.rewards.toy import ToySegReward
     from consolver.toy_diffusion.card import write_model_card
+    from consolver.toy_diffusion.model import load_pipeline
     from consolver.toy_diffusion.quality import evaluate_classes
 
     train_file = out / "train_metrics.json"
@@ -91,8 +112,16 @@ def evaluate(out: Path, args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = fill_defaults(parse_args(argv))
+    from consolver.console import setup_console
+
+    setup_console("train_toy_diffusion")
+    import torch
+    from tqdm import tqdm
+
+    from consolver.toy_diffusion.model import ToyUNetSpec, default_class_prompts, save_pipeline
+    from consolver.toy_diffusion.training import TrainConfig, train
+
     torch.set_num_threads(args.threads)
     if args.eval_only:
         return evaluate(Path(args.out), args)
