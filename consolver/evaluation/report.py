@@ -215,7 +215,7 @@ def write_report(rows: Sequence[dict], out_dir, metric: Optional[str] = None, ou
     text += [part for section in sections for part in ("", section)]
     text += ["", f"![quality against NFE]({paths['png'].name})", ""]
     paths["md"].write_text("\n".join(text), encoding="utf-8")
-    logger.info("wrote %s, %s, %s", *paths.values())
+    logger.debug("wrote %s, %s, %s", *paths.values())
     return paths
 
 
