@@ -85,6 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings in the log")
+    p.add_argument("--verbose", action="store_true", help="show every library's log lines and warnings")
 
 
 class Bars:
@@ -121,14 +122,12 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """User-facing warnings (e.g. a toy prompt outside the configured set) as one plain line."""
-    return f"preview: warning: {message}\n"
-
-
 def _setup(args) -> Bars:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from consolver.console import setup_console
+
+    setup_console("preview", getattr(args, "verbose", False))
+    if args.quiet:
+        logging.getLogger("consolver").setLevel(logging.WARNING)
     if args.threads:
         import torch
 
@@ -240,9 +239,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import warnings
-
-    warnings.formatwarning = _format_warning  # only as a program: main() called in-process changes nothing global
     try:
         main()
     except (ValueError, OSError) as err:  # bad paths, seeds, K or config (ConfigError): one line, no traceback

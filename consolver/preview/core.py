@@ -230,7 +230,7 @@ def make_previews(cfg, solver, prompts: Sequence[Union[str, PromptRecord]], seed
         images[name] = backend.decode(x).float().cpu()
         times[name] = time.perf_counter() - start
         latents = x.float().cpu() if latents is None else latents
-        logger.info("%d previews with %s at K=%d in %.3f s", len(all_seeds), name, num_steps, times[name])
+        logger.debug("%d previews with %s at K=%d in %.3f s", len(all_seeds), name, num_steps, times[name])
     return Previews(records, all_seeds, int(num_steps), latents, images.pop(LEARNED), images, times.pop(LEARNED), times)
 
 
@@ -295,7 +295,7 @@ def refine(cfg, prompts: Sequence[Union[str, PromptRecord]], seeds: Sequence[int
     images = backend.decode(x).float().cpu()
     seconds = time.perf_counter() - start
     num_chunks = -(-len(seeds) // chunk)
-    logger.info("%d finals (%d-step %s, %d solve(s) of %d rows) in %.3f s", len(seeds), steps, cfg.reference.solver,
+    logger.debug("%d finals (%d-step %s, %d solve(s) of %d rows) in %.3f s", len(seeds), steps, cfg.reference.solver,
                 num_chunks, chunk, seconds)
     return Finals(records, [int(s) for s in seeds], x.float().cpu(), images, cfg.reference.solver, steps, seconds,
                   chunk, num_chunks, bool(exact))

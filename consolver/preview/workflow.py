@@ -220,7 +220,7 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     }
     path = out / MANIFEST
     _write_json(path, manifest)
-    logger.info("wrote %s and %s", out / "contact_sheet.png", path)
+    logger.debug("wrote %s and %s", out / "contact_sheet.png", path)
     if refine_all:
         result = refine_run(str(path), [int(s) for s in seeds], progress=progress, all_seeds=True)
         manifest = result["manifest"]
@@ -310,7 +310,7 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
         manifest["timings"]["measured_refine_all_seconds"] = finals.seconds
     manifest["refine_sheet" if not all_seeds else "refine_all_sheet"] = sheet_name
     _write_json(path, manifest)
-    logger.info("wrote %d finals and %s", len(chosen), out / sheet_name)
+    logger.debug("wrote %d finals and %s", len(chosen), out / sheet_name)
     return {"manifest": manifest, "entries": chosen, "timings": timings, "sheet": str(out / sheet_name),
             "reward_names": list(scores)}
 
