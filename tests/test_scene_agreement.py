@@ -37,6 +37,20 @@ def test_fresh_jittered_renders_of_class_c_are_classified_as_c(classifier):
     assert float(per_class.min()) >= 0.9, per_class
 
 
+def test_the_background_colour_does_not_decide_the_class(classifier):
+    """A trained model's backgrounds drift off the palette (data/toy_unet's card): renders on
+    backgrounds of random colours are still classified as their scene."""
+    from consolver.backends.toy_scenes import jittered_params, render
+
+    n = 24
+    g = torch.Generator().manual_seed(31)
+    params = jittered_params([parse_prompt(p) for p in PROMPTS for _ in range(n)], g)
+    params = params._replace(background=torch.rand(params.background.shape, generator=g, dtype=torch.float64))
+    images, _, _ = render(params, 32)
+    truth = torch.arange(len(PROMPTS)).repeat_interleave(n)
+    assert float((classifier.classify(images) == truth).float().mean()) >= 0.95
+
+
 def test_agreement_is_one_for_the_same_scene_and_zero_for_another(classifier):
     g = torch.Generator().manual_seed(5)
     a, _, _ = render_scenes([parse_prompt(PROMPTS[3]), parse_prompt(PROMPTS[14])], 32, g)

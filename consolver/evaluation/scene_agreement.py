@@ -8,9 +8,12 @@ represented by jittered renders of its toy prompt (``consolver.backends.toy_scen
 background, position, size and color jitter the model was trained on); ``scene_agreement`` is 1
 where preview and final get the same label.
 
-Nearest neighbour runs on 2x2-average-pooled images (16x16 for 32 px): tolerant to a pixel of
-edge noise, still far apart for scenes that differ by an object, a shape or a color. Fresh
-jittered renders of a class are classified as that class (``tests/test_scene_agreement.py``).
+Nearest neighbour runs on the *foreground* (object colours and a soft object mask; the
+background, taken as the median colour of the outermost pixel ring, is removed), 2x2-average-
+pooled (16x16 for 32 px): tolerant to a pixel of edge noise and to any background colour, still
+far apart for scenes that differ by an object, a shape or a colour. Fresh jittered renders of a
+class are classified as that class, also on backgrounds of random colours
+(``tests/test_scene_agreement.py``).
 
 :func:`scene_classifier_for` builds one for any backend whose class names (``id2label`` of a
 diffusers pipeline directory) are all toy prompts, such as ``data/toy_unet``; for other backends
@@ -31,6 +34,29 @@ logger = logging.getLogger(__name__)
 RENDERS_PER_CLASS = 64
 #: Seed of the renders: fixed, so the metric is the same in every run.
 RENDER_SEED = 1234
+
+
+#: A pixel is foreground when it differs from the background colour by more than about this
+#: (max over channels, a soft ramp of width ``FOREGROUND_RAMP``).
+FOREGROUND_THRESHOLD = 0.12
+FOREGROUND_RAMP = 0.1
+
+
+def background_color(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3]``: the per-channel median of each image's outermost pixel ring (toy objects stay
+    inside the frame, so the ring is background)."""
+    ring = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]], dim=-1)
+    return ring.median(dim=-1).values
+
+
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 4, H, W]``: the RGB of the objects with the background zeroed, and the soft
+    foreground mask in [0, 1]. Independent of the background colour, which a trained model may
+    get wrong (``data/toy_unet``'s backgrounds drift off the palette; the noise decides them)
+    without changing the scene."""
+    distance = (images - background_color(images)[..., None, None]).abs().amax(1, keepdim=True)
+    mask = ((distance - FOREGROUND_THRESHOLD) / FOREGROUND_RAMP + 0.5).clamp(0, 1)
+    return torch.cat([images * mask, mask], dim=1)
 
 
 class SceneClassifier:
@@ -63,11 +89,12 @@ class SceneClassifier:
         self.template_label = self.class_ids.repeat_interleave(renders_per_class)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` float32: images ``[B, 3, H, W]`` in [0, 1] at ``resolution``, 2x2-average-pooled, flattened."""
+        """``[B, D]`` float32 of images ``[B, 3, H, W]`` in [0, 1]: the foreground (objects) alone,
+        background-free (see :func:`foreground`), at ``resolution``, 2x2-average-pooled, flattened."""
         x = images.detach().float().cpu()
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
-        return F.avg_pool2d(x, 2).flatten(1)
+        return F.avg_pool2d(foreground(x), 2).flatten(1)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Labels ``[B]`` int64 (on the CPU) of images ``[B, 3, H, W]`` in [0, 1]."""
@@ -123,4 +150,4 @@ def scene_classifier_for(backend) -> Optional[SceneClassifier]:
     return classifier
 
 
-__all__ = ["RENDERS_PER_CLASS", "SceneClassifier", "scene_classifier_for", "toy_class_prompts"]
+__all__ = ["RENDERS_PER_CLASS", "SceneClassifier", "background_color", "foreground", "scene_classifier_for", "toy_class_prompts"]
