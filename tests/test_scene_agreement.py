@@ -104,6 +104,12 @@ def test_heldout_prompts_decide_the_evaluation_prompts(toy_dir, tmp_path):
     assert eval_set.prompts == ["none"] * 3 and eval_set.cond["class_labels"].tolist() == [4, 4, 4]
     metrics = score_latents(eval_set, eval_set.target_latent, b, None)
     assert metrics["scene_agreement"].tolist() == [1.0, 1.0, 1.0] and set(metrics) == {"scene_agreement", "pixel_psnr"}
+    # a pixel_psnr reward and the pixel_psnr metric are one column of B values, not 2B
+    from consolver.rewards import build_rewards
+
+    reward = build_rewards(cfg.rewards)
+    with_reward = score_latents(make_eval_set(cfg, b, reward, num_noises=3), eval_set.noise, b, reward, ["pixel_psnr"])
+    assert with_reward["pixel_psnr"].shape == (3,) and set(with_reward) == {"scene_agreement", "pixel_psnr"}
     # a held-out class the model does not have is refused
     bad = tmp_path / "bad.txt"
     bad.write_text("a red triangle on the left\n")

@@ -227,7 +227,8 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
             put("mode_agreement", mode_agreement(backend, images, eval_set.target_image[s], eval_set.prompt_index[s]))
         if scenes is not None:
             put("scene_agreement", scenes.agreement(images, eval_set.target_image[s]))
-        put("pixel_psnr", psnr(images, eval_set.target_image[s]))
+        if "pixel_psnr" not in names:  # a pixel_psnr reward is this same metric: one column, B values
+            put("pixel_psnr", psnr(images, eval_set.target_image[s]))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
