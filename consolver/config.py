@@ -94,9 +94,15 @@ class DataConfig:
     from (``seed``, ``i``) only; shard ``s`` holds samples ``[s * samples_per_shard, ...)``.
     Streaming: see :class:`consolver.data.ShardDataModule` (loader order is seeded by the
     top-level ``seed``, so the training seed never changes the dataset).
+    Evaluating (``tools/evaluate.py``, the trainer's periodic eval): ``heldout_prompts`` when set
+    (a prompt file in any of the ``prompts`` formats, read with the same ``prompt_column``), else
+    the backend's own held-out split (toy worlds), else ``prompts`` with fresh noises. Generic
+    backends (``diffusers``, ``sd15``) have no held-out split: set ``heldout_prompts`` to hold
+    prompts or classes out of training.
     """
 
     prompts: Optional[str] = None  # .txt (one per line), .jsonl or .parquet; toy: its own list
+    heldout_prompts: Optional[str] = None  # evaluation prompts (same formats); default: the backend's held-out split, else prompts
     prompt_column: str = "prompt"  # JSONL/parquet column with the text the backend encodes
     ref_image_column: Optional[str] = None  # editing backends: column with reference image paths
     split: str = "train"  # toy prompt split used for making shards: train | heldout

@@ -324,7 +324,8 @@ class DiffusersModelBackend(Backend):
 
         Class-conditional models with ``guidance != 1``: one call on the doubled batch (DiT
         ``[cond; null]``, UNet2DModel ``[null; cond]``), guidance in float32 on the raw output,
-        then the conversion to epsilon. Unconditional models: one plain call."""
+        then the conversion to epsilon; a batch of null-class rows only (prompt ``none``) is one
+        plain call, since guidance leaves it unchanged. Unconditional models: one plain call."""
         B = x.shape[0]
         labels = cond["class_labels"].to(self.device)
         if labels.shape[0] != B:
@@ -338,7 +339,8 @@ class DiffusersModelBackend(Backend):
                 warnings.warn(f"{self.model!r} is unconditional: guidance={guidance} is ignored (set guidance: 1.0)",
                               stacklevel=2)
             out = self._forward(sample, steps, None)
-        elif guidance == 1.0:
+        elif guidance == 1.0 or bool((labels == self.null_class).all()):
+            # guidance is the identity on null-class rows (cond = uncond): one plain call, half the cost
             out = self._forward(sample, steps, labels)
         else:
             null = torch.full_like(labels, self.null_class)

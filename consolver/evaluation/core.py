@@ -8,14 +8,17 @@ seed is ``cfg.data.seed + EVAL_SEED_OFFSET`` unless given, so no evaluation nois
 noise of a dataset made with ``data.seed`` (a dataset made with seed ``data.seed +
 EVAL_SEED_OFFSET`` would collide: do not use that one).
 
-Prompts: the toy world (any backend with ``prompts("heldout")``) uses its held-out split, scenes
-whose (color, shape) pairs no training prompt has. Other backends have no held-out split: they
-use ``data.prompts`` through :func:`consolver.data.prompts.load_prompts`, i.e. the training prompts
-with fresh noises (point ``data.prompts`` at a validation list to hold prompts out).
+Prompts (:func:`eval_prompts`): ``data.heldout_prompts`` when it is set (a prompt file, e.g. the
+held-out classes of a class-conditional model: ``conf/toy_unet_depth.yaml``). Else the toy world
+(any backend with a distinct ``prompts("heldout")``) uses its held-out split, scenes whose (color,
+shape) pairs no training prompt has. Other backends have no held-out split: they use
+``data.prompts`` through :func:`consolver.data.prompts.load_prompts`, i.e. the training prompts
+with fresh noises (a warning says so; set ``data.heldout_prompts`` to hold prompts out).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -72,8 +75,18 @@ class EvalSet:
 
 
 def eval_prompts(cfg, backend) -> List[PromptRecord]:
-    """The evaluation prompts: the backend's ``"heldout"`` split when it has one and ``data.prompts``
-    is unset (the toy world), else :func:`load_prompts` of ``cfg.data`` (see the module docstring)."""
+    """The evaluation prompts: the file ``data.heldout_prompts`` when set; else the backend's
+    ``"heldout"`` split when it has one and ``data.prompts`` is unset (the toy world); else
+    :func:`load_prompts` of ``cfg.data`` (see the module docstring)."""
+    heldout = getattr(cfg.data, "heldout_prompts", None)
+    if heldout:
+        data = copy.deepcopy(cfg.data)  # a DictConfig or a DataConfig: same keys, the held-out file as prompts
+        data.prompts = heldout
+        records = load_prompts(data, backend)
+        if hasattr(backend, "check_prompts"):
+            backend.check_prompts([r.text for r in records])
+        logger.info("evaluation prompts: %d from data.heldout_prompts=%s", len(records), heldout)
+        return records
     if cfg.data.prompts is None and hasattr(backend, "prompt_records"):  # toy_edit: held-out edits + reference PNGs
         return list(backend.prompt_records("heldout", Path(cfg.output_dir) / "eval_refs"))
     if cfg.data.prompts is None and hasattr(backend, "prompts"):
@@ -175,7 +188,10 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
     Returns ``{name: [B] float32}`` (on the CPU), in this order: each reward (a composite: each
     component and ``"reward"``, the weighted total) against the cached target features; on the toy
     ``"mode_agreement"`` (1.0 where the preview lands on the target's mixture component, searched
-    among its own prompt's renders, else 0.0); ``"pixel_psnr"`` (dB) of the decoded images.
+    among its own prompt's renders, else 0.0); on a model of toy scenes (class names that are toy
+    prompts, e.g. ``data/toy_unet``) ``"scene_agreement"`` (1.0 where preview and target are
+    nearest to the same class, :mod:`consolver.evaluation.scene_agreement`); ``"pixel_psnr"`` (dB)
+    of the decoded images.
     """
     if latents.shape != eval_set.target_latent.shape:
         raise ValueError(f"latents {tuple(latents.shape)} do not match the eval set {tuple(eval_set.target_latent.shape)}")
@@ -185,6 +201,9 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
         raise ValueError(f"the eval set has no cached target features for reward(s) {missing} (it has "
                          f"{sorted(eval_set.features)}); make it with make_eval_set(..., reward) of these rewards")
     out: Dict[str, List[torch.Tensor]] = {}
+    from consolver.evaluation.scene_agreement import scene_classifier_for
+
+    scenes = scene_classifier_for(backend)
 
     def put(key, value):
         out.setdefault(key, []).append(value.detach().float().cpu())
@@ -206,7 +225,10 @@ def score_latents(eval_set: EvalSet, latents: torch.Tensor, backend, reward,
             from consolver.rewards.toy import mode_agreement
 
             put("mode_agreement", mode_agreement(backend, images, eval_set.target_image[s], eval_set.prompt_index[s]))
-        put("pixel_psnr", psnr(images, eval_set.target_image[s]))
+        if scenes is not None:
+            put("scene_agreement", scenes.agreement(images, eval_set.target_image[s]))
+        if "pixel_psnr" not in names:  # a pixel_psnr reward is this same metric: one column, B values
+            put("pixel_psnr", psnr(images, eval_set.target_image[s]))
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 #: Metrics shown with three decimals (fractions); the rest (dB, x100 scales) with two.
-FRACTION_METRICS = ("mode_agreement",)
+FRACTION_METRICS = ("mode_agreement", "scene_agreement")
 #: Metrics shown with four decimals (KID: ~1e-3..1e-1; :mod:`consolver.evaluation.fid`).
 SMALL_METRICS = ("kid", "kid_ref")
 BOOKKEEPING = ("solver", "kind", "K", "nfe", "num_samples")
@@ -203,7 +203,7 @@ def write_report(rows: Sequence[dict], out_dir, metric: Optional[str] = None, ou
     ours = list(ours) if ours is not None else list(dict.fromkeys(r["solver"] for r in rows if r.get("kind") == "ours"))
     paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv", "png": out_dir / f"{name}.png"}
     write_csv(rows, paths["csv"])
-    plotted = [metric] + [m for m in ("pixel_psnr", "mode_agreement") if m in metrics and m != metric]
+    plotted = [metric] + [m for m in ("pixel_psnr", "mode_agreement", "scene_agreement") if m in metrics and m != metric]
     plot_quality(rows, paths["png"], plotted)
     saved = [steps_saved_line(rows, n, metric, ours) for n in ours]
     if any(r["solver"] == STEPS_SAVED_BASELINE for r in rows):

@@ -132,6 +132,29 @@ def test_class_conditional_unet_guides_with_its_last_class_embedding(backends, d
                                rtol=0, atol=1e-5)
 
 
+def test_null_class_rows_skip_the_doubled_batch_and_equal_guided_output(backends, dirs, monkeypatch):
+    """Prompt ``none`` under guidance: cond = uncond, so the guided output is the null-class output;
+    the backend makes one plain call (half the cost) and gets the same numbers."""
+    from diffusers import UNet2DModel
+
+    b = backends["classes"]
+    unet = UNet2DModel.from_pretrained(dirs["classes"], subfolder="unet")
+    x = noise(b, n=3)
+    cond = b.encode(["none"] * 3)
+    sizes = []
+    forward = b._forward
+    monkeypatch.setattr(b, "_forward", lambda sample, steps, labels: sizes.append(sample.shape[0]) or forward(
+        sample, steps, labels))
+    out = b.predict(x, 640, cond, 2.0)
+    null = torch.full((3,), 5)
+    doubled = unet(torch.cat([x, x]), 640, class_labels=torch.cat([null, null])).sample
+    u, c = doubled.chunk(2)
+    torch.testing.assert_close(out, u + 2.0 * (c - u), rtol=0, atol=1e-5)
+    assert sizes == [3]  # one plain call, not a doubled batch
+    b.predict(x, 640, b.encode(["none", "red circle", "none"]), 2.0)
+    assert sizes == [3, 6]  # a mixed batch still guides in one doubled batch
+
+
 @pytest.mark.parametrize("name", ["ldm_vq", "ldm_kl"])
 def test_latent_unet_equals_the_ldm_pipelines_model_call_and_decode(backends, dirs, name):
     from diffusers import AutoencoderKL, UNet2DModel, VQModel
