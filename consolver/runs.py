@@ -87,18 +87,26 @@ def config_differences(trained: Dict[str, Any], now: Dict[str, Any]) -> List[Tup
             if not _resumable(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
-def checkpoint_config(path: str | Path) -> Dict[str, Any]:
-    """The training config stored in a checkpoint, completed with today's schema defaults."""
+def load_checkpoint(path: str | Path) -> Tuple[Dict[str, Any], Any]:
+    """``(state, config)`` of a training checkpoint: the raw state dict and its training config
+    completed with today's schema defaults (a typed OmegaConf :class:`~consolver.config.Config`)."""
     import torch
     from omegaconf import OmegaConf
 
-    from consolver.config import Config as Schema, to_container
+    from consolver.config import Config as Schema
 
     state = torch.load(str(path), map_location="cpu", weights_only=False)
     stored = state.get("hyper_parameters", {}).get("config")
     if stored is None:
         raise ConfigError(f"{path} holds no consolver training config: not a checkpoint of tools/fit.py")
-    return to_container(OmegaConf.merge(OmegaConf.structured(Schema), stored))
+    return state, OmegaConf.merge(OmegaConf.structured(Schema), stored)
+
+
+def checkpoint_config(path: str | Path) -> Dict[str, Any]:
+    """The training config stored in a checkpoint, as a plain dict with today's schema defaults."""
+    from consolver.config import to_container
+
+    return to_container(load_checkpoint(path)[1])
 
 
 def prepare_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Optional[Path]:
@@ -138,4 +146,4 @@ def prepare_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> O
 
 
 __all__ = ["RESUMABLE_KEYS", "RUN_FILES", "ResumeMismatchError", "RunExistsError", "checkpoint_config",
-           "checkpoint_dir", "config_differences", "last_checkpoint", "prepare_run", "run_files"]
+           "checkpoint_dir", "config_differences", "last_checkpoint", "load_checkpoint", "prepare_run", "run_files"]

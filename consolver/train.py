@@ -127,13 +127,10 @@ def fit(cfg: Config, resume: bool = False, callbacks: Sequence[Any] = (), progre
 
 def load_module(checkpoint: str | os.PathLike, runtime: Optional[Dict[str, Any]] = None):
     """The training module of a checkpoint (its config is inside), e.g. to export another time."""
-    from omegaconf import OmegaConf
-
     from consolver.algos import algorithm_class
-    from consolver.config import Config as Schema
+    from consolver.runs import load_checkpoint
 
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    cfg = OmegaConf.merge(OmegaConf.structured(Schema), state["hyper_parameters"]["config"])
+    state, cfg = load_checkpoint(checkpoint)
     module = algorithm_class(cfg.algo.name)(cfg, runtime)
     module.load_state_dict(state["state_dict"])
     return module

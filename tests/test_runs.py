@@ -150,3 +150,15 @@ def test_config_differences_ignore_what_may_change_on_resume():
     a = {"trainer": {"max_steps": 10, "eval_every": 5}, "algo": {"lr": 0.01}, "output_dir": "x"}
     b = {"trainer": {"max_steps": 20, "eval_every": 0}, "algo": {"lr": 0.02}, "output_dir": "y"}
     assert config_differences(a, b) == [("algo.lr", 0.01, 0.02)]
+
+
+def test_load_module_restores_the_exported_solver_from_last_ckpt(used_dir):
+    import numpy as np
+
+    from consolver.scheduler import ConsistencySolverScheduler
+    from consolver.train import load_module
+
+    module = load_module(used_dir / "checkpoints" / "last.ckpt", runtime=runtime())
+    exported = ConsistencySolverScheduler.from_pretrained(used_dir / "scheduler")
+    np.testing.assert_allclose(module.coefficient_table(4), np.asarray(exported.config.coefficient_tables["4"]),
+                               rtol=0, atol=1e-12)

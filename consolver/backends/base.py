@@ -27,6 +27,13 @@ def apply_guidance(unconditional: torch.Tensor, conditional: torch.Tensor, guida
     return unconditional + guidance * (conditional - unconditional)
 
 
+def decode_in_chunks(latents: torch.Tensor, chunk: int, decode_chunk, resolution: int) -> torch.Tensor:
+    """Images ``[B, 3, resolution, resolution]`` in [0, 1]: ``decode_chunk`` (latents -> images in
+    [-1, 1], float32) on ``chunk`` latents at a time, so peak decode memory is bounded by ``chunk``."""
+    images = [(decode_chunk(c) * 0.5 + 0.5).clamp(0, 1) for c in latents.split(chunk)]
+    return torch.cat(images) if images else latents.new_zeros(0, 3, resolution, resolution)
+
+
 class Backend(ABC):
     """A pretrained text-to-image (or editing) diffusion model, frozen.
 

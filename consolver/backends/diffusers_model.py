@@ -60,7 +60,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tensordict import TensorDict
 
-from consolver.backends.base import Backend, apply_guidance
+from consolver.backends.base import Backend, apply_guidance, decode_in_chunks
 from consolver.backends.class_labels import ClassConditions, first_names, label_map
 from consolver.backends.model_source import BackendModelNotFoundError, is_offline, not_found, resolve_model
 from consolver.backends.sd15 import DTYPES, resolve_device, schedule_from_config
@@ -356,15 +356,13 @@ class DiffusersModelBackend(Backend):
         ``backend.decode_chunk`` at a time (differentiable; VQ quantisation passes gradients straight
         through). Pixel space: ``x / 2 + 0.5`` clamped; latent: the autoencoder on
         ``latents / scaling_factor (+ shift_factor)``, then the same map."""
-        images = []
-        for chunk in latents.split(self.decode_chunk):
+        def decode_chunk(chunk: torch.Tensor) -> torch.Tensor:
             if self.autoencoder is None:
-                image = chunk.to(self.device, torch.float32)
-            else:
-                z = chunk.to(self.device, self.torch_dtype) / self.scaling_factor + self.shift_factor
-                image = self.autoencoder.decode(z, return_dict=False)[0].float()
-            images.append((image * 0.5 + 0.5).clamp(0, 1))
-        return torch.cat(images) if images else latents.new_zeros(0, 3, self.resolution, self.resolution)
+                return chunk.to(self.device, torch.float32)
+            z = chunk.to(self.device, self.torch_dtype) / self.scaling_factor + self.shift_factor
+            return self.autoencoder.decode(z, return_dict=False)[0].float()
+
+        return decode_in_chunks(latents, self.decode_chunk, decode_chunk, self.resolution)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tensordict import TensorDict
 
-from consolver.backends.base import Backend, apply_guidance
+from consolver.backends.base import Backend, apply_guidance, decode_in_chunks
 from consolver.backends.timesteps import epsilon_from, vp_model_timesteps
 from consolver.backends.model_source import BackendModelNotFoundError, is_offline, not_found, resolve_model
 from consolver.schedules import VPSchedule
@@ -212,12 +212,11 @@ class SD15Backend(Backend):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, resolution, resolution]`` float32 in [0, 1] from latents ``[B, 4, h, w]``,
         ``backend.decode_chunk`` at a time (differentiable: no ``no_grad`` inside)."""
-        images = []
-        for chunk in latents.split(self.decode_chunk):
+        def decode_chunk(chunk: torch.Tensor) -> torch.Tensor:
             z = chunk.to(self.device, self.torch_dtype) / self.scaling_factor + self.shift_factor
-            image = self.vae.decode(z, return_dict=False)[0].float()
-            images.append((image * 0.5 + 0.5).clamp(0, 1))
-        return torch.cat(images) if images else latents.new_zeros(0, 3, self.resolution, self.resolution)
+            return self.vae.decode(z, return_dict=False)[0].float()
+
+        return decode_in_chunks(latents, self.decode_chunk, decode_chunk, self.resolution)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
