@@ -20,6 +20,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
+#: What the validation gate does with a K that loses (``validation.gate``).
+GATE_MODES = ("off", "report", "fallback", "drop")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says which key and what is valid."""
 
@@ -34,6 +38,8 @@ class ToyConfig:
     schedule: str = "vp"  # vp (SD1.5 betas, epsilon) | flow (flow matching, velocity)
     num_train_prompts: int = 12  # configured prompt set: the first prompts of each split
     num_heldout_prompts: int = 4
+    prompt_offset: int = 0  # skip the first prompts of each split: a disjoint prompt family (transfer worlds)
+    palette: str = "default"  # default | inverted (1 - image: other colours and backgrounds)
 
 
 @dataclass
@@ -68,6 +74,9 @@ class SolverConfig:
     # learn each K's grid of step times with the coefficients (an action column per step; shipped
     # in the scheduler's step_grids). Starts at timestep_spacing. Needs policy.name=table, gaussian.
     learn_timesteps: bool = False
+    # with learn_timesteps: the last model evaluation of every learned grid at or below this position
+    # (VP timestep, flow unshifted sigma); null: anywhere. Keeps the last steps off extrapolations.
+    grid_last_max: Optional[float] = None
 
 
 @dataclass
@@ -193,6 +202,19 @@ class TrainerConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """The validation gate at export (:mod:`consolver.evaluation.gate`): every exported K is scored
+    on held-out samples against the best training-free solver at that K; a K behind it by more
+    than ``tolerance_se`` paired standard errors, on mode/scene agreement or pixel PSNR, is handled
+    by ``gate``. The scores go into the scheduler config (``validation``)."""
+
+    gate: str = "fallback"  # off | report (keep every K) | fallback (the base solver for a losing K) | drop (no table)
+    world: str = "heldout"  # a transfer world (consolver.evaluation.transfer), never a training sample
+    num_noises: int = 32  # noises per prompt, seeds data.seed + VALIDATION_SEED_OFFSET
+    tolerance_se: float = 1.0
+
+
+@dataclass
 class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     guidance: float = 3.0  # classifier-free guidance for targets and previews alike
@@ -203,6 +225,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     output_dir: str = "outputs/run"
     seed: int = 0
 
@@ -323,9 +346,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         except TypeError as err:  # a list written as a mapping or the reverse
             raise ConfigError(f"config file {str(path)!r}: {_shape_error_key(layer)} has the wrong shape ({err}): lists "
                               f"are written as '- item' lines or [a, b], sections as 'key: value' lines") from None
+    return apply_overrides(cfg, overrides)  # type: ignore[arg-type]
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str] = ()) -> Config:
+    """``cfg`` (changed in place; pass a copy to keep it) with ``key=value`` overrides applied as
+    :func:`load_config` applies them, validated."""
     for override in overrides:
         try:  # applied to the merged config (not merged as a layer), so list indices reach the lists
-            cfg.merge_with_dotlist([override])
+            cfg.merge_with_dotlist([override])  # type: ignore[attr-defined]
         except (OmegaConfBaseException, TypeError) as err:
             index_error = _list_error(cfg, override, err)
             if index_error is not None:
@@ -333,8 +362,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             if not isinstance(err, OmegaConfBaseException):
                 raise ConfigError(f"override {override!r}: {err}") from None
             raise _explain(err, _override_layer(override)) from None
-    validate(cfg)  # type: ignore[arg-type]
-    return cfg  # type: ignore[return-value]
+    validate(cfg)
+    return cfg
 
 
 def _shape_error_key(layer: DictConfig) -> str:
@@ -364,7 +393,7 @@ def _choice(key: str, value: Any, valid: Sequence[Any]) -> None:
 def validate(cfg: Config) -> None:
     """Checks that need more than types. Raises ``ConfigError`` naming the key."""
     from consolver.backends import BACKENDS
-    from consolver.backends.toy import TOY_SCHEDULES
+    from consolver.backends.toy import TOY_PALETTES, TOY_SCHEDULES
     from consolver.backends.toy_scenes import SPLITS
     from consolver.sampling import REFERENCE_SOLVERS
     from consolver.schedules import TIMESTEP_SPACINGS
@@ -374,6 +403,15 @@ def validate(cfg: Config) -> None:
     _choice("backend.name", cfg.backend.name, tuple(BACKENDS))
     _check_device("backend.device", cfg.backend.device)
     _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
+    _choice("backend.toy.palette", cfg.backend.toy.palette, TOY_PALETTES)
+    _choice("validation.gate", cfg.validation.gate, GATE_MODES)
+    if cfg.validation.gate != "off":
+        from consolver.evaluation.transfer import TRANSFER_WORLDS
+
+        _choice("validation.world", cfg.validation.world, tuple(TRANSFER_WORLDS))
+        if cfg.validation.num_noises < 1 or not cfg.validation.tolerance_se >= 0:
+            raise ConfigError(f"validation.num_noises must be >= 1 and validation.tolerance_se >= 0, got "
+                              f"{cfg.validation.num_noises} and {cfg.validation.tolerance_se}")
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
     if cfg.backend.name in TOY_BACKENDS and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
         raise ConfigError(f"backend.dtype={cfg.backend.dtype!r} has no effect on the toy backend (its closed-form "
@@ -548,6 +586,8 @@ __all__ = [
     "SolverConfig",
     "ToyConfig",
     "TrainerConfig",
+    "ValidationConfig",
+    "apply_overrides",
     "load_config",
     "save_config",
     "to_container",

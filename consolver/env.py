@@ -56,7 +56,7 @@ def observation_dim(order: int, sample_features: bool) -> int:
 
 
 def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = None, sigmas=None,
-               learn_timesteps: bool = False):
+               learn_timesteps: bool = False, grid_last_max: Optional[float] = None):
     """The step inputs of a K-step solve that do not depend on the sample: step observations
     ``[K, 4]`` float32, the base actions ``[K, d]`` float32 and the masks of the action columns
     in use ``[K, d]`` bool. Columns: the base solver's ``m - 1`` free coefficients (step i uses
@@ -73,7 +73,7 @@ def solve_plan(scheduler, num_steps: int, implied: str, mu: Optional[float] = No
     if learn_timesteps:
         _, min_gap, _ = grid_units(scheduler.config.schedule, T)
         positions = scheduler.step_positions(K, sigmas)
-        logits = torch.cat([logits_from_grid(positions, min_gap), torch.zeros(1, dtype=torch.float64)])
+        logits = torch.cat([logits_from_grid(positions, min_gap, grid_last_max), torch.zeros(1, dtype=torch.float64)])
         free = torch.cat([free, logits.float()[:, None]], 1)
         mask = torch.cat([mask, (torch.arange(K) < K - 1)[:, None]], 1)
     return obs, free, mask
@@ -106,7 +106,8 @@ class PreviewEnv(EnvBase):
 
     def __init__(self, backend, reward, reward_names: Sequence[str], scheduler, guidance: float, num_rollouts: int,
                  implied: str = "newest", sample_features: bool = False, batch: Optional[TensorDictBase] = None,
-                 mu: Optional[float] = None, learn_timesteps: bool = False, gradient_checkpointing: bool = False):
+                 mu: Optional[float] = None, learn_timesteps: bool = False, gradient_checkpointing: bool = False,
+                 grid_last_max: Optional[float] = None):
         super().__init__(device=backend.device, batch_size=[num_rollouts])
         self.gradient_checkpointing = bool(gradient_checkpointing)
         # plain attributes, not submodules: the env must not add the frozen backend/reward to a state dict
@@ -119,7 +120,8 @@ class PreviewEnv(EnvBase):
         self.learn_timesteps = bool(learn_timesteps)
         if self.learn_timesteps and self.sample_features:
             raise ValueError("learned step grids work with sample-independent policies only (policy.sample_features=false)")
-        self.grid_solve = GridSolve(scheduler) if self.learn_timesteps else None
+        self.grid_last_max = grid_last_max
+        self.grid_solve = GridSolve(scheduler, grid_last_max) if self.learn_timesteps else None
         self.grid_positions: Optional[torch.Tensor] = None
         self.default_batch = batch
         self.final_latents: Optional[torch.Tensor] = None
@@ -152,7 +154,7 @@ class PreviewEnv(EnvBase):
 
     def _plan(self, K: int, timestep_kwargs: dict) -> None:
         obs, base, mask = solve_plan(self.scheduler, K, self.implied, learn_timesteps=self.learn_timesteps,
-                                     **timestep_kwargs)
+                                     grid_last_max=self.grid_last_max, **timestep_kwargs)
         self._step_obs, self._base, self._mask = obs.to(self.device), base.to(self.device), mask.to(self.device)
 
     def _inputs(self, i: int) -> TensorDict:

@@ -49,7 +49,9 @@ def default_file_mode() -> int:
 def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[Sequence[int]] = None) -> Path:
     """Write the trained solver as a diffusers scheduler directory: the actor's mode compiled into
     a coefficient table for every K in ``num_steps`` (default: every trained K), and the actor's
-    weights beside it. A K that was not trained is refused."""
+    weights beside it. A K that was not trained is refused. Unless ``validation.gate=off``, every K
+    passes the validation gate first (:mod:`consolver.evaluation.gate`): a K that loses to a
+    training-free solver is handled as the config says, and the scores go into the config."""
     from safetensors.torch import save_file
 
     cfg = module.cfg
@@ -60,6 +62,10 @@ def export_scheduler(module, directory: str | os.PathLike, num_steps: Optional[S
     rt = module.build_runtime()
     # the model's own output type (a v-prediction UNet): pipelines pass it to the scheduler raw
     scheduler = trained_scheduler(module, num_steps, getattr(rt["backend"], "model_prediction_type", None))
+    if cfg.validation.gate != "off" and not cfg.policy.sample_features:  # tables only: a policy acts on samples
+        from consolver.evaluation.gate import validate_scheduler
+
+        validate_scheduler(cfg, scheduler, num_steps, backend=rt["backend"], reward=rt.get("reward"))
     directory = Path(directory)
     scheduler.save_pretrained(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in module.actor.state_dict().items()}

@@ -32,7 +32,7 @@ RUN_FILES = ("config.yaml", "checkpoints", "scheduler", "tb", "eval", "preview")
 RESUMABLE_KEYS = ("output_dir", "trainer.max_steps", "trainer.log_every_n_steps", "trainer.checkpoint_every",
                   "trainer.eval_every", "trainer.eval_num_noises", "trainer.image_every", "trainer.progress_bar",
                   "trainer.num_threads", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
-                  "trainer.strategy", "backend.device", "data.num_workers")
+                  "trainer.strategy", "backend.device", "data.num_workers", "validation")
 
 
 class RunExistsError(ConfigError):

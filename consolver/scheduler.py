@@ -72,6 +72,9 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             or ``sigmas`` override it (logged as a warning), except that the default sigmas every
             FLUX pipeline passes (``linspace(1, 1/K, K)``) are replaced by the learned grid, which
             is then shifted by the pipeline's ``mu`` like any sigmas.
+        validation: metadata only: how each K scored at export against the training-free
+            solvers, on which world and samples, and what the gate did
+            (:mod:`consolver.evaluation.gate`).
     """
 
     _compatibles = ["DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -103,6 +106,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         coefficient_tables: Optional[Dict[str, List[List[float]]]] = None,
         policy: Optional[Dict[str, Any]] = None,
         step_grids: Optional[Dict[str, List[float]]] = None,
+        validation: Optional[Dict[str, Any]] = None,
     ):
         _check_choice("schedule", schedule, SCHEDULE_KINDS)
         _check_choice("base_solver", base_solver, FIXED_SOLVERS)
@@ -176,6 +180,11 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         as_json = {str(k): [int(v) if self.config.schedule == "vp" else float(v) for v in g]
                    for k, g in sorted(checked.items())}
         self.register_to_config(step_grids=as_json or None)
+
+    @property
+    def learned_tables(self) -> Dict[int, np.ndarray]:
+        """The learned coefficient tables ``{K: [K, solver_order]}`` float64 (a copy)."""
+        return {K: v.copy() for K, v in self._tables.items()}
 
     @property
     def step_grids(self) -> Dict[int, np.ndarray]:

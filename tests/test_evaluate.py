@@ -220,3 +220,30 @@ def test_a_solver_of_another_schedule_is_a_clear_error(world, tmp_path):
     other_betas = ConsistencySolverScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
     with pytest.raises(ValueError, match="beta_schedule"):
         check_schedule_match("ours", other_betas, backend)
+
+
+@pytest.mark.slow
+def test_tool_transfer_writes_one_table_per_world_with_gaps(tmp_path):
+    solver = save_ddim_tables(tmp_path / "run" / "scheduler", [3, 4])
+    proc = run_tool(solver, "--config", CONFIG, "--transfer", "other_prompts,inverted", "--num-noises", 2,
+                    "--steps", "3,4", "--no-progress", "--threads", 1, "reference.num_steps=8",
+                    "backend.toy.renders_per_prompt=8", "backend.toy.num_train_prompts=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "other_prompts (ConsistencySolver): " in proc.stdout and "inverted (ConsistencySolver): " in proc.stdout
+    md = (tmp_path / "run" / "eval" / "transfer.md").read_text()
+    assert "### other_prompts: a disjoint prompt family" in md and "### inverted: other colours" in md
+    assert "| K | DDIM | DPM-Solver++ 2M | UniPC | ConsistencySolver | gap mode_agreement (ConsistencySolver) |" in md
+    with open(tmp_path / "run" / "eval" / "transfer.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ours = [r for r in rows if r["solver"] == "ConsistencySolver"]
+    assert [(r["world"], r["K"]) for r in ours] == [("other_prompts", "3"), ("other_prompts", "4"),
+                                                    ("inverted", "3"), ("inverted", "4")]
+    # a DDIM table is the DDIM baseline: no gap to DDIM, so a gap to the best is <= 0
+    assert all(float(r["gap_pixel_psnr"]) <= 1e-6 and r["best_pixel_psnr"] in ("DDIM", "DPM-Solver++ 2M", "UniPC")
+               for r in ours)
+    assert len(rows) == 2 * 2 * 4 and {r["num_samples"] for r in rows} == {"8"}  # 4 held-out prompts x 2 noises
+
+
+def test_tool_transfer_names_the_valid_worlds(tmp_path):
+    proc = run_tool("--config", CONFIG, "--transfer", "mars", cwd=tmp_path)
+    assert proc.returncode != 0 and "unknown transfer world(s) ['mars']; valid: all, heldout" in proc.stderr

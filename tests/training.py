@@ -15,11 +15,13 @@ TINY_SHARDS = ROOT / "data" / "toy_shards"
 
 
 def tiny_config(tmp_path, *overrides: str):
-    """conf/toy_depth.yaml on data/toy_shards: 4 samples x 4 rollouts per batch, quiet trainer."""
+    """conf/toy_depth.yaml on data/toy_shards: 4 samples x 4 rollouts per batch, quiet trainer, no
+    validation gate at export (tests/evaluation/test_gate.py and test_train.py test it)."""
     return load_config(ROOT / "conf" / "toy_depth.yaml", [
         f"data.shard_dir={TINY_SHARDS}", "data.batch_size=4", "data.shuffle_buffer=8", "algo.group_size=4",
         "trainer.eval_every=0", "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
-        "trainer.progress_bar=false", "trainer.num_threads=0", f"output_dir={tmp_path}", *overrides])
+        "trainer.progress_bar=false", "trainer.num_threads=0", "validation.gate=off", f"output_dir={tmp_path}",
+        *overrides])
 
 
 @lru_cache(maxsize=None)

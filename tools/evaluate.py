@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="scheduler directories (none: the baselines alone) and config overrides")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: conf/toy_depth.yaml)")
     parser.add_argument("--num-noises", type=int, default=128, help="fresh noises per held-out prompt (default 128)")
-    parser.add_argument("--steps", default="3-12", help="K values = NFE, e.g. 3-12 or 3,4,8 (default 3-12)")
+    parser.add_argument("--steps", default=None,
+                        help="K values = NFE, e.g. 3-12 or 3,4,8 (default 3-12; with --transfer 3-8)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: eval/ beside the first solver directory, else <output_dir>/eval)")
     parser.add_argument("--baselines", default=None,
@@ -125,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show every library's log lines and warnings")
+    parser.add_argument("--transfer", metavar="WORLDS", default=None,
+                        help="evaluate on transfer worlds instead (consolver.evaluation.transfer): 'all' or names, "
+                             "e.g. other_prompts,toy_unet; writes transfer.md and transfer.csv")
     fid = parser.add_argument_group("FID/KID (docs/fid.md): columns fid, kid[, fid_ref, kid_ref]; on with any of these")
     fid.add_argument("--fid", action="store_true", help="FID/KID of the previews against the full-step targets")
     fid.add_argument("--inception-weights", metavar="PATH", default=None,
@@ -146,7 +150,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     solver_dirs, overrides = split_positionals(args.items)
-    steps = parse_steps(args.steps)
+    steps = parse_steps(args.steps or ("3-8" if args.transfer else "3-12"))
     if args.num_noises < 1:
         raise ValueError(f"--num-noises must be >= 1, got {args.num_noises}")
     for name, path in solver_dirs.items():  # before the config: a wrong path fails fast
@@ -162,6 +166,10 @@ def main(argv=None) -> dict:
             list_images(args.fid_reference)
     cfg = load_config(args.config, overrides)
     solvers = {name: load_solver(name, path) for name, path in solver_dirs.items()}
+    if args.transfer:
+        if use_fid:
+            raise ValueError("--transfer reports agreement, PSNR and the reward; run FID/KID without it")
+        return transfer_main(args, argv, cfg, solvers, solver_dirs, steps, start)
 
     import torch
     from tqdm import tqdm
@@ -228,6 +236,54 @@ def main(argv=None) -> dict:
         print(f"note: {note}")
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']} ({seconds:.1f} s)")
     return {"rows": rows, "paths": paths, "notes": notes, "seconds": seconds}
+
+
+def transfer_main(args, argv, cfg, solvers: dict, solver_dirs: dict, steps: list[int], start: float) -> dict:
+    """``--transfer``: every solver and the transfer baselines on each world; transfer.md/.csv."""
+    import torch
+    from tqdm import tqdm
+
+    from consolver.evaluation.transfer import TRANSFER_BASELINES, evaluate_world, select_worlds, world_config
+    from consolver.evaluation.transfer_report import check_lines, csv_rows, world_checks, world_markdown, write_csv
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    worlds = select_worlds(args.transfer, cfg.backend.name)
+    configs = {w.name: world_config(w, cfg) for w in worlds}  # every config error before any solve
+    out = Path(args.out) if args.out else default_out(solver_dirs, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(worlds) * (len(solvers) + len(TRANSFER_BASELINES)) * len(steps), unit="solve",
+               disable=args.no_progress, dynamic_ncols=True)
+    sections, rows = [], []
+    try:
+        for world in worlds:
+            noises = min(args.num_noises, world.max_noises or args.num_noises)
+
+            def progress(name: str, K: int, world=world) -> None:
+                bar.set_postfix_str(f"{world.name}: {name} K={K}")
+                bar.update(1)
+
+            samples = evaluate_world(configs[world.name], solvers, steps, noises, on_progress=progress)
+            num_samples = len(next(iter(next(iter(samples.values())).values())))
+            sections.append(world_markdown(world, samples, list(solvers), steps, TRANSFER_BASELINES, num_samples))
+            rows += csv_rows(world.name, samples, list(solvers), TRANSFER_BASELINES)
+            for name in solvers:
+                bar.write(f"{world.name} ({name}): " + "; ".join(
+                    check_lines(world_checks(samples, name, steps, TRANSFER_BASELINES))))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    header = "\n".join([
+        "# Transfer: solvers on worlds they were not trained on", "",
+        f"`{shlex.join(['python', 'tools/evaluate.py', *(argv if argv is not None else sys.argv[1:])])}`", "",
+        "- ours: " + ", ".join(f"{n} = `{p}`" for n, p in solver_dirs.items()),
+        f"- targets: each world's reference solver ({cfg.reference.num_steps}-step {cfg.reference.solver} unless "
+        f"the world's config says otherwise); NFE = K for every solver; {seconds:.0f} s in all", ""])
+    md = out / "transfer.md"
+    md.write_text(header + "\n".join(sections), encoding="utf-8")
+    path = write_csv(rows, out / "transfer.csv")
+    print(f"wrote {md}, {path} ({seconds:.1f} s)")
+    return {"rows": rows, "paths": {"md": md, "csv": path}, "seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class PreviewAlgorithm(L.LightningModule):
             rt["envs"][num_rollouts] = PreviewEnv(
                 rt["backend"], rt["reward"], rt["reward_names"], rt["scheduler"], self.cfg.guidance, num_rollouts,
                 implied=self.cfg.policy.implied, sample_features=self.cfg.policy.sample_features,
-                learn_timesteps=self.learn_timesteps,
+                learn_timesteps=self.learn_timesteps, grid_last_max=self.cfg.solver.grid_last_max,
                 gradient_checkpointing=bool(self.cfg.algo.gradient_checkpointing))
         return rt["envs"][num_rollouts]
 
@@ -276,7 +276,8 @@ class PreviewAlgorithm(L.LightningModule):
             raise ValueError("a policy with sample features depends on the latents and has no coefficient table")
         rt = self.build_runtime()
         obs, base, mask = solve_plan(rt["scheduler"], num_steps, self.cfg.policy.implied,
-                                     learn_timesteps=self.learn_timesteps, **timestep_kwargs(rt["backend"], num_steps))
+                                     learn_timesteps=self.learn_timesteps, grid_last_max=self.cfg.solver.grid_last_max,
+                                     **timestep_kwargs(rt["backend"], num_steps))
         K = num_steps
         td = TensorDict({"observation": obs, "step_index": torch.arange(K), "num_steps": torch.full((K,), K),
                          "base_action": base, "action_mask": mask}, batch_size=[K]).to(self.device)
@@ -300,7 +301,8 @@ class PreviewAlgorithm(L.LightningModule):
         if self.learn_timesteps:
             end, min_gap, integer = grid_units(scheduler.config.schedule, scheduler.config.num_train_timesteps)
             logits = self.mode_actions(num_steps)[:-1, self.order - 1]
-            positions = grid_from_logits(logits, float(positions[0]), end, min_gap, integer).numpy()
+            positions = grid_from_logits(logits, float(positions[0]), end, min_gap, integer,
+                                         self.cfg.solver.grid_last_max).numpy()
         return positions[:-1]
 
     def step_grids(self, num_steps: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:

@@ -44,6 +44,9 @@ from consolver.schedules import FlowMatchingSchedule, Schedule, VPSchedule
 logger = logging.getLogger(__name__)
 
 TOY_SCHEDULES = ("vp", "flow")
+#: Colour palettes of the renders: ``inverted`` draws ``1 - image`` (other colours and
+#: backgrounds, same geometry and depth labels): a transfer world (consolver.evaluation.transfer).
+TOY_PALETTES = ("default", "inverted")
 
 
 # ---------------------------------------------------------------- pure numerics
@@ -91,11 +94,17 @@ def prompt_seed(prompt: str, seed: int) -> int:
 
 
 def configured_prompts(num_train_prompts: int, num_heldout_prompts: int,
-                       prompts: Optional[Sequence[str]] = None) -> list[str]:
-    """The configured prompt set in bank order: canonical, deduplicated ``prompts``, or else the
-    first ``num_train_prompts`` train and ``num_heldout_prompts`` held-out prompts."""
+                       prompts: Optional[Sequence[str]] = None, prompt_offset: int = 0) -> list[str]:
+    """The configured prompt set in bank order: canonical, deduplicated ``prompts``, or else
+    ``num_train_prompts`` train and ``num_heldout_prompts`` held-out prompts, each split's list
+    starting after its first ``prompt_offset`` prompts (an offset at least the other set's counts
+    gives a disjoint prompt family)."""
     if prompts is None:
-        prompts = toy_scenes.prompt_list("train", num_train_prompts) + toy_scenes.prompt_list("heldout", num_heldout_prompts)
+        k = int(prompt_offset)
+        if k < 0:
+            raise ValueError(f"backend.toy.prompt_offset must be >= 0, got {k}")
+        prompts = (toy_scenes.prompt_list("train", k + num_train_prompts)[k:]
+                   + toy_scenes.prompt_list("heldout", k + num_heldout_prompts)[k:])
     return list(dict.fromkeys(toy_scenes.canonical_prompt(p) for p in prompts))
 
 
@@ -114,6 +123,8 @@ class ToyBackend(Backend):
             prompts of each split (:func:`toy_scenes.prompt_list`); ignored if ``prompts`` is given.
         prompts: an explicit configured prompt set instead.
         device: where the component bank and all outputs live.
+        prompt_offset: skip the first ``prompt_offset`` prompts of each split (a disjoint family).
+        palette: ``"default"`` or ``"inverted"`` (renders ``1 - image``), see ``TOY_PALETTES``.
     """
 
     name = "toy"
@@ -121,7 +132,7 @@ class ToyBackend(Backend):
     def __init__(self, resolution: int = 32, renders_per_prompt: int = 64, component_std: float = 0.05,
                  seed: int = 0, schedule: str | Schedule = "vp", num_train_prompts: int = 12,
                  num_heldout_prompts: int = 4, prompts: Optional[Sequence[str]] = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", prompt_offset: int = 0, palette: str = "default"):
         if resolution < 8 or renders_per_prompt < 1 or component_std <= 0:
             raise ValueError(f"toy backend needs resolution >= 8, renders_per_prompt >= 1 and component_std > 0 "
                              f"(config backend.resolution, backend.toy.renders_per_prompt, backend.toy.component_std); "
@@ -130,6 +141,9 @@ class ToyBackend(Backend):
             if schedule not in TOY_SCHEDULES:
                 raise ValueError(f"unknown toy schedule {schedule!r}; valid: {', '.join(TOY_SCHEDULES)}")
             schedule = VPSchedule.sd15() if schedule == "vp" else FlowMatchingSchedule()
+        if palette not in TOY_PALETTES:
+            raise ValueError(f"unknown toy palette {palette!r} (backend.toy.palette); valid: {', '.join(TOY_PALETTES)}")
+        self.palette = palette
         self.schedule = schedule
         self.resolution = int(resolution)
         self.latent_shape = (3, self.resolution, self.resolution)
@@ -137,7 +151,7 @@ class ToyBackend(Backend):
         self.component_std = float(component_std)
         self.seed = int(seed)
         self.device = torch.device(device)
-        canonical = configured_prompts(num_train_prompts, num_heldout_prompts, prompts)
+        canonical = configured_prompts(num_train_prompts, num_heldout_prompts, prompts, prompt_offset)
         if not canonical:
             raise ValueError("the toy backend needs at least one prompt (config backend.toy.num_train_prompts "
                              "+ backend.toy.num_heldout_prompts >= 1)")
@@ -158,7 +172,7 @@ class ToyBackend(Backend):
         return cls(resolution=cfg.resolution, renders_per_prompt=toy.renders_per_prompt,
                    component_std=toy.component_std, seed=toy.seed, schedule=toy.schedule,
                    num_train_prompts=toy.num_train_prompts, num_heldout_prompts=toy.num_heldout_prompts,
-                   device=device)
+                   device=device, prompt_offset=toy.prompt_offset, palette=toy.palette)
 
     @classmethod
     def config_meta(cls, cfg) -> dict:
@@ -170,9 +184,9 @@ class ToyBackend(Backend):
         return {"backend": cls.name, "schedule": toy.schedule,
                 "prediction_type": "epsilon" if toy.schedule == "vp" else "flow_prediction",
                 "resolution": r, "latent_shape": [3, r, r],
-                "toy": {"renders_per_prompt": int(toy.renders_per_prompt), "component_std": float(toy.component_std),
-                        "seed": int(toy.seed),
-                        "prompts": configured_prompts(toy.num_train_prompts, toy.num_heldout_prompts)}}
+                "toy": _toy_meta(toy.renders_per_prompt, toy.component_std, toy.seed, toy.palette,
+                                 configured_prompts(toy.num_train_prompts, toy.num_heldout_prompts, None,
+                                                    toy.prompt_offset))}
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Parse every prompt (``ValueError`` naming the word and the vocabulary); renders nothing."""
@@ -201,6 +215,8 @@ class ToyBackend(Backend):
             scene = toy_scenes.parse_prompt(prompt)
             generator = torch.Generator().manual_seed(prompt_seed(prompt, self.seed))
             image, _, _ = toy_scenes.render_scenes([scene] * R, self.resolution, generator)
+            if self.palette == "inverted":
+                image = 1 - image
             new.append(image.reshape(R, -1) * 2 - 1)
             self._index[prompt] = len(self._prompts)
             self._prompts.append(prompt)
@@ -316,10 +332,18 @@ class ToyBackend(Backend):
     def meta(self) -> dict:
         """Protocol meta plus ``"toy"``: the mixture's parameters and configured prompts (which
         define the unconditional model), named as the config section ``backend.toy``."""
-        toy = {"renders_per_prompt": self.renders_per_prompt, "component_std": self.component_std,
-               "seed": self.seed, "prompts": self.prompts()}
+        toy = _toy_meta(self.renders_per_prompt, self.component_std, self.seed, self.palette, self.prompts())
         return {**super().meta(), "toy": toy}
 
 
-__all__ = ["TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "configured_prompts",
+def _toy_meta(renders_per_prompt: int, component_std: float, seed: int, palette: str, prompts: list) -> dict:
+    """The ``"toy"`` part of the backend meta (the palette only when not the default, so metas of
+    default worlds, and the shard fingerprints made from them, stay as they were)."""
+    meta = {"renders_per_prompt": int(renders_per_prompt), "component_std": float(component_std), "seed": int(seed)}
+    if palette != "default":
+        meta["palette"] = palette
+    return {**meta, "prompts": list(prompts)}
+
+
+__all__ = ["TOY_PALETTES", "TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "configured_prompts",
            "nearest_component", "posterior_outputs", "prompt_seed"]

@@ -30,8 +30,9 @@ def toy_prompt_sets(cfg) -> Dict[str, List[str]]:
                 "heldout": [e.key for e in configured_edits(0, toy.num_heldout_prompts)]}
     from consolver.backends.toy import configured_prompts
 
-    train = configured_prompts(toy.num_train_prompts, 0)
-    heldout = [p for p in configured_prompts(0, toy.num_heldout_prompts) if p not in train]
+    train = configured_prompts(toy.num_train_prompts, 0, prompt_offset=toy.prompt_offset)
+    heldout = [p for p in configured_prompts(0, toy.num_heldout_prompts, prompt_offset=toy.prompt_offset)
+               if p not in train]
     return {"train": train, "heldout": heldout}
 
 

@@ -27,8 +27,9 @@ class GridSolve:
     ``history`` (model outputs, newest first, at most ``order``).
     """
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, last_max: Optional[float] = None):
         cfg = scheduler.config
+        self.last_max = last_max
         self.kind, self.T, self.order = cfg.schedule, int(cfg.num_train_timesteps), int(cfg.solver_order)
         self.end, self.min_gap, self.integer = grid_units(self.kind, self.T)
         self.vp_schedule, self.flow_schedule, self.mu = scheduler.vp_schedule, scheduler.flow_schedule, None
@@ -67,7 +68,8 @@ class GridSolve:
         Returns ``(x_next [N, ...], model times [N] at the next positions, None after the last)``."""
         self.history.insert(0, model_output.float())
         del self.history[self.order:]
-        p_next = next_position(self.positions[-1], logit, self.end, self.K - self.i, self.min_gap, self.integer)
+        p_next = next_position(self.positions[-1], logit, self.end, self.K - self.i, self.min_gap, self.integer,
+                               self.last_max)
         d = combine_history(self.history, coefficients)
         levels, self._levels = self._levels, self.noise_levels(p_next)
         transfer = vp_transfer if self.kind == "vp" else flow_transfer

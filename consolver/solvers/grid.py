@@ -68,22 +68,29 @@ def grid_room(position: torch.Tensor, end: float, steps_left: int, min_gap: floa
 
 
 def next_position(position: torch.Tensor, logit: torch.Tensor, end: float, steps_left: int, min_gap: float,
-                  integer: bool = False) -> torch.Tensor:
+                  integer: bool = False, last_max: Optional[float] = None) -> torch.Tensor:
     """The next grid position from the current one ``[...]`` and its logit ``[...]`` (float64);
     ``steps_left`` (>= 1) intervals remain before ``end``. ``integer``: rounded half up with a
     straight-through gradient (VP; with integer ``position``, ``end`` and ``min_gap`` the room
-    stays >= 0, so the rounded grid keeps its gaps). Differentiable in both."""
+    stays >= 0, so the rounded grid keeps its gaps). ``last_max``: the last model evaluation (the
+    position computed with ``steps_left == 2``) lies at or below it. Differentiable in both."""
     if steps_left == 1:
         return torch.full_like(position, end)
     room = grid_room(position, end, steps_left, min_gap)
-    out = position - min_gap - torch.sigmoid(logit.double()) * room
+    if steps_left == 2 and last_max is not None:  # the same formula from a lower top: top - f (top - end - g)
+        top = torch.clamp(position - min_gap, max=float(last_max))
+        out = top - torch.sigmoid(logit.double()) * (top - end - min_gap)
+    else:
+        out = position - min_gap - torch.sigmoid(logit.double()) * room
     return round_positions(out) if integer else out
 
 
-def grid_from_logits(logits: torch.Tensor, start: float, end: float, min_gap: float, integer: bool = False) -> torch.Tensor:
+def grid_from_logits(logits: torch.Tensor, start: float, end: float, min_gap: float, integer: bool = False,
+                     last_max: Optional[float] = None) -> torch.Tensor:
     """Positions ``[..., K + 1]`` (``start`` first, ``end`` last, strictly decreasing by at least
     ``min_gap``) from logits ``[..., K - 1]``, by :func:`next_position` step after step (so the
-    same float64 arithmetic as a solve that draws its logits one step at a time)."""
+    same float64 arithmetic as a solve that draws its logits one step at a time); ``last_max`` as
+    :func:`next_position` takes it."""
     z = logits.double()
     K = z.shape[-1] + 1
     if not start - end >= K * min_gap:
@@ -91,7 +98,7 @@ def grid_from_logits(logits: torch.Tensor, start: float, end: float, min_gap: fl
     p = torch.full(z.shape[:-1], float(start), dtype=torch.float64, device=z.device)
     out = [p]
     for i in range(K - 1):
-        p = next_position(p, z[..., i], end, K - i, min_gap, integer)
+        p = next_position(p, z[..., i], end, K - i, min_gap, integer, last_max)
         out.append(p)
     return torch.stack(out + [torch.full_like(p, end)], -1)
 
@@ -104,9 +111,10 @@ def grid_units(schedule_kind: str, num_train_timesteps: int) -> tuple:
     return 0.0, 1.0 / num_train_timesteps, False
 
 
-def logits_from_grid(positions, min_gap: float) -> torch.Tensor:
+def logits_from_grid(positions, min_gap: float, last_max: Optional[float] = None) -> torch.Tensor:
     """Inverse of :func:`grid_from_logits`: logits ``[K - 1]`` float64 of a strictly decreasing grid
-    ``[K + 1]`` whose gaps are all larger than ``min_gap``."""
+    ``[K + 1]`` whose gaps are all larger than ``min_gap``. With ``last_max``, a last model
+    evaluation above it maps to the logit that puts it at ``last_max`` (as far as the gaps allow)."""
     p = torch.as_tensor(np.asarray(positions, dtype=np.float64))
     K = p.shape[-1] - 1
     end = float(p[-1])
@@ -115,7 +123,11 @@ def logits_from_grid(positions, min_gap: float) -> torch.Tensor:
         raise ValueError(f"grid {p.tolist()} has a gap <= the minimum gap {min_gap}")
     out = []
     for i in range(K - 1):
-        f = (gaps[i] - min_gap) / grid_room(p[i], end, K - i, min_gap)
+        if i == K - 2 and last_max is not None:
+            top = torch.clamp(p[i] - min_gap, max=float(last_max))
+            f = (top - p[i + 1]) / (top - end - min_gap)
+        else:
+            f = (gaps[i] - min_gap) / grid_room(p[i], end, K - i, min_gap)
         out.append(torch.logit(f.clamp(1e-12, 1 - 1e-12)))
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
