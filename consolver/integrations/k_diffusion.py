@@ -242,14 +242,15 @@ def load_sampler(solver: Solver) -> Callable[..., torch.Tensor]:
             denoised = model(x, sigmas[i] * s_in, **extra_args)
             if callback is not None:
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-            history.insert(0, (x.float() - denoised.float()) / values[i])  # epsilon (VP) or velocity (flow)
+            history.insert(0, (x.float() - denoised.float()) / float(values[i]))  # epsilon (VP) or velocity (flow)
             del history[order:]
             if table is not None:
                 coefficients = table[i]
             else:
                 observation = step_observation(grid_t[i], grid_t[i + 1], i, K, T).to(x.device)
                 coefficients = scheduler.policy_module.mode(observation, len(history), history)
-            x = flow_transfer(x.float(), combine_history(history, coefficients), values[i], values[i + 1]).to(x.dtype)
+            x = flow_transfer(x.float(), combine_history(history, coefficients), float(values[i]),
+                              float(values[i + 1])).to(x.dtype)
         return x
 
     sample_consolver.solver = scheduler
