@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+K_DIFFUSION = "k-diffusion>=0.0.16,<0.1"
+
 setup(
     name="consolver",
     version="0.1.0",
@@ -34,6 +36,9 @@ setup(
         "parquet": ["pyarrow"],
         # FID/KID in tools/evaluate.py (consolver.evaluation.fid); weights from a local file only
         "fid": ["torchmetrics>=1.4", "torch-fidelity>=0.3"],
-        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3"],
+        # k-diffusion itself, to run a solver through its samplers (consolver.integrations.k_diffusion
+        # needs none of it); 0.1.x depends on dctorch, which pins numpy<2
+        "k-diffusion": [K_DIFFUSION],
+        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3", K_DIFFUSION],
     },
 )

@@ -30,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from consolver.policy import CoefficientPolicy, build_policy, step_observation
 from consolver.schedules import FINAL_TIMESTEP, SCHEDULE_KINDS, FlowMatchingSchedule, VPSchedule, _check_choice
-from consolver.solvers.grid import choose_grid, flow_grid, parse_step_grids, vp_grid
+from consolver.solvers.grid import choose_grid, flow_grid, off_grid_message, parse_step_grids, vp_grid
 from consolver.solvers.lmm import combine_history, flow_transfer, vp_transfer
 from consolver.solvers.tables import FIXED_SOLVERS, fixed_table, parse_tables
 
@@ -281,7 +281,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.from_numpy(grid_t[:-1]).to(device=device, dtype=torch.float32)
             self._transfer_scalars = [(float(grid_ode[i]), float(grid_ode[i + 1])) for i in range(K)]
         self.sigmas = torch.from_numpy(grid_ode).to(device=device, dtype=torch.float32)
-        self._table = self._table_for(K, grid_t, grid_ode)
+        self._table = self.coefficient_table(grid_t, grid_ode)
         self._observations = None if self._table is not None else self._step_times(grid_t, grid_ode)
         self._reset_state()
 
@@ -409,8 +409,7 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         """``(timesteps, sigmas)`` to solve on (see :func:`~consolver.solvers.grid.choose_grid`)."""
         timesteps, sigmas, overridden = choose_grid(self._grids, self.config.schedule, num_inference_steps, timesteps, sigmas)
         if overridden:
-            warnings.warn(f"set_timesteps: solving on the {overridden}, not on a learned step grid (this scheduler "
-                          f"has learned grids for K in {sorted(self._grids)})", stacklevel=3)
+            warnings.warn(off_grid_message("set_timesteps", overridden, self._grids, "scheduler"), stacklevel=3)
         return timesteps, sigmas
 
     def _step_times(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> torch.Tensor:
@@ -418,7 +417,13 @@ class ConsistencySolverScheduler(SchedulerMixin, ConfigMixin):
         K = len(grid_t) - 1
         return torch.cat([step_observation(grid_t[i], grid_t[i + 1], i, K, self.config.num_train_timesteps) for i in range(K)])
 
-    def _table_for(self, K: int, grid_t: np.ndarray, grid_ode: np.ndarray) -> Optional[np.ndarray]:
+    def coefficient_table(self, grid_t: np.ndarray, grid_ode: np.ndarray) -> Optional[np.ndarray]:
+        """The coefficient table ``[K, solver_order]`` float64 of a solve on ``(grid_t, grid_ode)``
+        (``[K + 1]`` each, see :mod:`consolver.solvers.grid`): K's learned table, the attached
+        policy's compiled on this grid, or the base solver's; ``None`` when the attached policy looks
+        at the sample (it acts step by step). ``ValueError`` listing the K values when a learned
+        solver has no table for K."""
+        K = len(grid_t) - 1
         if self._tables:
             if K not in self._tables:
                 raise ValueError(f"no coefficient table for num_inference_steps={K}; this solver has tables for K in {self.available_num_steps}")

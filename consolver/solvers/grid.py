@@ -191,3 +191,11 @@ def choose_grid(grids: dict, schedule_kind: str, num_inference_steps, timesteps,
     if sigmas is not None and not vp and n in grids and is_default_flux_sigmas(sigmas):
         return None, grids[n], None
     return timesteps, sigmas, f"{n} {name} given"
+
+
+def off_grid_message(where: str, given: str, grids: dict, holder: str = "scheduler") -> str:
+    """The user-facing warning when a solve with learned ``grids`` ``{K: [K]}`` runs on other times:
+    ``where`` (the call), ``given`` (what it solves on, e.g. ``"4 timesteps given"``), ``holder``
+    (what has the grids)."""
+    return (f"{where}: solving on the {given}, not on a learned step grid (this {holder} has learned grids "
+            f"for K in {sorted(grids)})")
