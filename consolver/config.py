@@ -179,6 +179,9 @@ class AlgoConfig:
     lmbda: float = 0.95  # gae
     distill_loss: str = "log_mse"  # distill: log_mse (-PSNR of latents) | mse | pixel_mse (decoded) | reward
     distill_coef: float = 0.0  # ppo/grpo/rloo: add this x the distill loss of a mode rollout to every update
+    # ppo/grpo/rloo: rollout rewards are clamped at this value before the advantages (null: off): quality
+    # beyond it earns nothing, so updates go to landing on the target's content rather than to precision
+    reward_ceiling: Optional[float] = None
     gradient_checkpointing: bool = False  # distill: recompute each backend predict in the backward pass (memory lever)
 
 
@@ -404,6 +407,8 @@ def validate(cfg: Config) -> None:
     _check_device("backend.device", cfg.backend.device)
     _choice("backend.toy.schedule", cfg.backend.toy.schedule, TOY_SCHEDULES)
     _choice("backend.toy.palette", cfg.backend.toy.palette, TOY_PALETTES)
+    if str(cfg.validation.gate) == "False":  # YAML 1.1 reads `gate: off` (and the override gate=off) as false
+        cfg.validation.gate = "off"
     _choice("validation.gate", cfg.validation.gate, GATE_MODES)
     if cfg.validation.gate != "off":
         from consolver.evaluation.transfer import TRANSFER_WORLDS

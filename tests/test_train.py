@@ -70,6 +70,24 @@ def test_export_refuses_an_untrained_k(trained, tmp_path):
         export_scheduler(result.module, tmp_path / "s", [4, 6])
 
 
+def test_export_passes_the_validation_gate_and_records_its_scores(trained, tmp_path):
+    cfg, result = trained
+    module = result.module
+    gated = cfg.copy()
+    gated.validation.gate, gated.validation.num_noises = "report", 4
+    module.cfg = gated
+    try:
+        path = export_scheduler(module, tmp_path / "s")
+    finally:
+        module.cfg = cfg
+    record = ConsistencySolverScheduler.from_pretrained(path).config.validation
+    assert record["world"] == "heldout" and record["gate"] == "report" and record["num_samples"] == 16
+    entry = record["num_steps"]["4"]
+    assert entry["verdict"] == "kept" and set(entry) >= {"mode_agreement", "pixel_psnr", "loses"}
+    assert entry["pixel_psnr"]["best"] in record["rivals"] and entry["pixel_psnr"]["ours"] > 0
+    assert ConsistencySolverScheduler.from_pretrained(result.scheduler_dir).config.validation is None  # gate off
+
+
 def test_checkpoints_every_n_iterations_and_last(trained):
     cfg, _ = trained
     names = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").glob("*.ckpt"))

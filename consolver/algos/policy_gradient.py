@@ -84,7 +84,9 @@ class PolicyGradient(PreviewAlgorithm):
         reward = roll["next", "reward"][:, -1, 0]  # [N]
         if self.skip_if_not_finite("reward", reward):
             return None
-        steps = self._with_advantage(roll, reward.view(B, G))
+        ceiling = self.cfg.algo.reward_ceiling
+        shaped = reward if ceiling is None else reward.clamp(max=float(ceiling))
+        steps = self._with_advantage(roll, shaped.view(B, G))
         aux = None
         if algo.distill_coef > 0:  # the gradient bound's loss on the mode, added to the first update
             from consolver.algos.distill import mode_rollout_loss

@@ -72,3 +72,20 @@ def test_gate_config_is_checked():
         load_config("conf/toy_depth.yaml", ["validation.gate=fall"])
     with pytest.raises(ConfigError, match="validation.world='nowhere' is not valid"):
         load_config("conf/toy_depth.yaml", ["validation.world=nowhere"])
+
+
+def test_gate_off_reads_as_off_in_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("validation:\n  gate: off\n")
+    assert load_config(path).validation.gate == "off"
+    assert load_config("conf/toy_depth.yaml", ["validation.gate=off"]).validation.gate == "off"
+
+
+def test_fallback_never_trades_a_k_for_a_base_solver_behind_it():
+    from consolver.evaluation.gate import gate_verdicts
+
+    scores = {3: {"loses": True, "base_not_behind": True}, 4: {"loses": True, "base_not_behind": False},
+              5: {"loses": False, "base_not_behind": True}}
+    assert gate_verdicts(scores, "fallback") == {3: "base solver", 4: "kept: base behind", 5: "kept"}
+    assert gate_verdicts(scores, "drop") == {3: "dropped", 4: "dropped", 5: "kept"}
+    assert gate_verdicts(scores, "report") == {3: "kept", 4: "kept", 5: "kept"}
