@@ -128,6 +128,7 @@ class ToyBackend(Backend):
     """
 
     name = "toy"
+    palette = "default"  # subclasses (toy_edit) that do not take the option keep the default renders
 
     def __init__(self, resolution: int = 32, renders_per_prompt: int = 64, component_std: float = 0.05,
                  seed: int = 0, schedule: str | Schedule = "vp", num_train_prompts: int = 12,
