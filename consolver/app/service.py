@@ -134,7 +134,7 @@ def choose_solver(solver: Optional[str], cfg, backend, out: Path) -> SolverChoic
     main = Path(cfg.output_dir) / "scheduler"
     if (main / "scheduler_config.json").is_file():
         return SolverChoice(main, MAIN_JOB, f"the main job's solver {main}")
-    from consolver.algos.base import solver_scheduler
+    from consolver.scheduler import solver_scheduler
 
     path = out / "base_solver"
     solver_scheduler(cfg, backend.schedule).save_pretrained(str(path))
