@@ -109,15 +109,29 @@ def build_app(service: PreviewService):
         preview_inputs = [prompt] + ([image] if image is not None else []) + [num_seeds, seed_range, steps, compare,
                                                                                session]
 
-        @_page_errors
-        def preview(*values, progress=gr.Progress()):
-            *fields, state = values
-            img = fields.pop(1) if image is not None else None
-            text, n, rng, K, comp = fields
+        def run_preview(state, text, img, n, rng, K, comp, progress):
             out = handlers.on_preview(service, state, text, n, rng, K, comp or [], image=img,
                                       progress=handlers.progress_adapter(progress))
             return (gr.Gallery(value=out["gallery"], columns=out["columns"], selected_index=None), out["status"],
                     out["running"], out["files"], None, None, "", state)
+
+        # named parameters: they are the /preview endpoint's parameter names in gradio_client
+        if image is None:
+            @_page_errors
+            def check(prompt, num_seeds, seed_range, num_steps, compare, state):
+                handlers.check_preview(service, prompt, num_seeds, seed_range, num_steps, compare or [])
+
+            @_page_errors
+            def preview(prompt, num_seeds, seed_range, num_steps, compare, state, progress=gr.Progress()):
+                return run_preview(state, prompt, None, num_seeds, seed_range, num_steps, compare, progress)
+        else:
+            @_page_errors
+            def check(prompt, image, num_seeds, seed_range, num_steps, compare, state):
+                handlers.check_preview(service, prompt, num_seeds, seed_range, num_steps, compare or [], image)
+
+            @_page_errors
+            def preview(prompt, image, num_seeds, seed_range, num_steps, compare, state, progress=gr.Progress()):
+                return run_preview(state, prompt, image, num_seeds, seed_range, num_steps, compare, progress)
 
         def refined(out):
             return out["preview"], out["final"], out["reward"], out["files"], out["history"], out["running"], out["session"]
@@ -130,12 +144,6 @@ def build_app(service: PreviewService):
         @_page_errors
         def refine_by_seed(seed, state, progress=gr.Progress()):
             return refined(handlers.on_refine(service, state, seed=seed, progress=handlers.progress_adapter(progress)))
-
-        @_page_errors
-        def check(*values):  # a bad request shows its message at once and queues nothing
-            *fields, _ = values
-            img = fields.pop(1) if image is not None else None
-            handlers.check_preview(service, *fields[:4], fields[4] or [], img)
 
         preview_outputs = [gallery, status, running, files, picked, final, reward, session]
         for trigger, api in ((run_button.click, {"api_name": "preview"}), (prompt.submit, {"api_visibility": "private"})):

@@ -82,13 +82,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def app_url(service):
-    """The page served from this process (so tests compare with the library bit for bit)."""
+def app(service):
+    """``(url, demo)``: the page served from this process (so tests compare with the library bit
+    for bit), as tools/app.py serves it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require("gradio")
     from consolver.app.ui import build_app, launch
 
     demo = build_app(service)
     url = launch(demo, port=free_port(), allowed=(str(service.out),), block=False)
-    yield url
+    yield url, demo
     demo.close()

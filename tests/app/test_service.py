@@ -4,6 +4,7 @@ labels, refines from any row, the session's history and running line, where file
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -51,18 +52,17 @@ def test_previews_and_finals_are_the_cli_ones_bit_for_bit(service, app_solver, t
     assert result.reward == pytest.approx(cli_refine["entries"][0]["reward"], abs=0)
 
 
-@pytest.mark.slow
-def test_the_run_folder_continues_from_the_cli(service):
-    """tools/preview.py refine on a run folder the app wrote (a subprocess: ~9 s)."""
+def test_the_run_folder_continues_from_the_cli(service, capsys):
+    """tools/preview.py refine on a run folder the app wrote."""
     run = service.preview(PROMPT, [3, 4], 3)
     manifest = load_manifest(str(run.manifest_path))
     assert manifest["seeds"] == [3, 4] and manifest["num_steps"] == 3 and manifest["overrides"] == SMALL
     assert Path(manifest["solver"]) == Path(service.choice.path).resolve()
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "preview.py"), "refine", "--manifest",
-                          str(run.manifest_path), "--seeds", "4", "--no-progress"], cwd=ROOT, capture_output=True,
-                         text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert out.returncode == 0, out.stderr
+    cli = runpy.run_path(str(ROOT / "tools" / "preview.py"))
+    cli["main"](["refine", "--manifest", str(run.manifest_path), "--seeds", "4", "--no-progress"])
+    assert "wrote" in capsys.readouterr().out
     assert (run.directory / "finals" / "p0_seed4.png").is_file()
+    assert load_manifest(str(run.manifest_path))["entries"][1]["final"] == "finals/p0_seed4.png"
 
 
 @pytest.mark.parametrize("count,seed_range,message", [
