@@ -34,6 +34,10 @@ setup(
         "parquet": ["pyarrow"],
         # FID/KID in tools/evaluate.py (consolver.evaluation.fid); weights from a local file only
         "fid": ["torchmetrics>=1.4", "torch-fidelity>=0.3"],
-        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3"],
+        # the Diffusion Preview web app (tools/app.py, consolver.app.ui)
+        "app": ["gradio>=6,<7"],
+        # the app's tests drive Debian's chromium (apt-get install chromium) with Playwright; never `playwright install`
+        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3",
+                 "gradio>=6,<7", "gradio_client", "playwright"],
     },
 )

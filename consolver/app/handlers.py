@@ -117,7 +117,7 @@ def reward_markdown(result: RefineResult) -> str:
     row = "ConsistencySolver" if result.row == LEARNED else result.row
     scores: List[str] = [f"`{k}` **{v:.2f}**" for k, v in result.reward.items()]
     return (f"**seed {result.seed}**\n\n{row} preview (K={result.num_steps}) vs final ({result.final_steps} steps):"
-            f"\n\n" + "\n\n".join(scores) + f"\n\nfinal in {result.seconds:.2f} s")
+            f"\n\n" + "\n\n".join(scores) + f"\n\nfinal in {result.seconds:.3f} s")
 
 
 def _seed(value) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consolver.app import AppError, Limits, Session
+from consolver.app import AppError, Limits, PreviewService, Session
 from consolver.app import handlers
 from consolver.app.service import PreviewRun, RefineResult, allowed_num_steps, choose_solver
 from consolver.config import load_config
@@ -232,3 +232,23 @@ def test_only_the_page_module_imports_gradio():
         assert "gradio" not in names, f"{path} imports gradio at module level"
         if path.name != "ui.py":
             assert "import gradio" not in path.read_text(encoding="utf-8"), path
+
+
+def test_editing_backend_takes_a_reference_image(tmp_path):
+    """toy_edit: the configured edits fill the instruction and the reference image; the upload is
+    saved under the output folder and is what the previews edit."""
+    edit = PreviewService(str(ROOT / "conf" / "toy_edit_dino.yaml"),
+                          ["backend.toy.renders_per_prompt=4", "backend.toy.num_train_prompts=2",
+                           "backend.toy.num_heldout_prompts=1", "reference.num_steps=4", "rewards=[{name: pixel_psnr}]"],
+                          out=str(tmp_path))
+    assert edit.editing and edit.choice.source == "base"
+    key = edit.prompt_choices()[0][1]
+    image, instruction = edit.reference_for(key)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and instruction == key.split(" | ", 1)[1]
+    session = Session()
+    with pytest.raises(AppError, match="upload a reference image"):
+        handlers.on_preview(edit, session, instruction, 2, "", edit.num_steps[0])
+    out = handlers.on_preview(edit, session, instruction, 2, "", edit.num_steps[0], image=image)
+    assert len(out["gallery"]) == 2 and session.current.ref_image.startswith(str(tmp_path / "uploads"))
+    assert np.array_equal(_png(session.current.ref_image), image)
+    assert "pixel_psnr" in handlers.on_refine(edit, session, seed=1)["reward"]
