@@ -58,9 +58,10 @@ def main(argv=None) -> None:
     from consolver.console import setup_console
 
     setup_console("app", args.verbose)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    import importlib.util
+    import threading
+
+    if importlib.util.find_spec("gradio") is None:
         sys.exit('app: error: the app needs gradio: pip install -e ".[app]"')
     if args.threads:
         import torch
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
     demo = build_app(service)
     url = launch(demo, args.host, args.port, args.concurrency, args.queue_size, allowed=(str(service.out),), block=False)
     log.info("Diffusion Preview at %s (ready %.1f s after start; Ctrl+C stops it)", url, time.perf_counter() - start)
+    threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()  # the reward network
     try:
         demo.block_thread()
     except KeyboardInterrupt:

@@ -184,13 +184,27 @@ class PreviewService:
         self.solver = load_solver(self.choice.path)
         check_schedule_match(str(self.choice.path), self.solver, self.backend, f"--config {config}")
         self.num_steps = allowed_num_steps(self.solver, self.cfg)
-        self.score = scorer(self.cfg, self.backend)
+        self._score = None  # the reward network loads on the first refine, or in warm_up()
         self.editing = self.cfg.backend.name in EDITING_BACKENDS
-        self.lock = threading.Lock()
+        self.lock, self._score_lock = threading.Lock(), threading.Lock()
         self._counter = itertools.count()
         self.startup_seconds = time.perf_counter() - start
         logger.info("app model ready in %.2f s: %s backend, %s, K in %s, outputs in %s", self.startup_seconds,
                     self.cfg.backend.name, self.choice.description, format_seeds(self.num_steps), self.out)
+
+    @property
+    def score(self):
+        """The configured reward of previews against finals (:func:`~consolver.preview.scorer`),
+        built once, on first use."""
+        with self._score_lock:
+            if self._score is None:
+                self._score = scorer(self.cfg, self.backend)
+            return self._score
+
+    def warm_up(self) -> None:
+        """Load what the first refine needs (the reward network) ahead of it: the app calls this in
+        the background once the page is served, so start-up does not wait for it."""
+        self.score  # noqa: B018 - builds it
 
     # ---------------------------------------------------------------- what the page offers
 
