@@ -306,7 +306,7 @@ class PreviewService:
             warnings.simplefilter("always", UserWarning)
             manifest = preview_run(self.config, str(self.choice.path), [prompt], list(seeds), K, str(directory),
                                    overrides=self.overrides, compare=compare, ref_image=ref_image, final=False,
-                                   progress=progress, backend=self.backend, solver=self.solver)
+                                   progress=progress, backend=self.backend, solver=self.solver, cfg=self.cfg)
         previews = manifest["previews"]
         rows = {LEARNED: [directory / e["preview"] for e in manifest["entries"]]}
         seconds = {LEARNED: previews.seconds}
@@ -331,7 +331,7 @@ class PreviewService:
             raise AppError(f"row {row!r} is not in this preview run; it has {', '.join(run.rows)}")
         with self.lock:
             result = refine_run(str(run.manifest_path), [int(seed)], progress=progress, backend=self.backend,
-                                score=self.score)
+                                score=self.score, cfg=self.cfg)
             entry, finals = result["entries"][0], result["finals"]
             reward = dict(entry["reward"])
             preview_png = run.rows[row][run.seeds.index(seed)]

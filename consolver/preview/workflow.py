@@ -110,7 +110,7 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
                 out: Optional[str] = None, *, overrides: Sequence[str] = (), compare: Sequence[str] = (), ref_image: Optional[str] = None,
                 columns: int = 8, batch_size: Optional[int] = None, refine_all: bool = False,
                 final: Optional[bool] = None, progress: Optional[Progress] = None, backend=None,
-                solver=None) -> Dict[str, Any]:
+                solver=None, cfg=None) -> Dict[str, Any]:
     """Previews of every (prompt, seed) at K=``num_steps``, a contact sheet and a manifest in ``out``.
 
     ``final`` adds a last row to the sheet: every seed's full-step final (the reference solve of
@@ -125,9 +125,9 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     before any solve: the solver directory, its K table, the ``--compare`` names, the config and the
     output folder. ``refine_all`` also runs :func:`refine_run` on every seed (the slow path the
     workflow avoids), for timings and the refine sheet of every preview.
-    ``backend`` and ``solver`` (optional): instances already built from ``config`` and loaded from
-    ``solver_dir`` (a long-lived caller such as the app shares one of each across runs); by default
-    each call builds and loads its own.
+    ``backend``, ``solver`` and ``cfg`` (optional): instances already built from ``config`` (+
+    ``overrides``) and loaded from ``solver_dir`` (a long-lived caller such as the app shares one of
+    each across runs); by default each call loads and builds its own.
     Returns the manifest (with ``"manifest_path"``: its path, ``"layout"``: the sheet's
     :class:`~consolver.preview.sheet.SheetLayout`, and ``"previews"``: the
     :class:`~consolver.preview.core.Previews` tensors).
@@ -142,7 +142,7 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
         raise ValueError(f"unknown --compare solver {bad[0]!r}; valid: {', '.join(COMPARE_NAMES)}")
     if not prompts:
         raise ValueError("no prompt given (--prompt or --prompts FILE)")
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides)) if cfg is None else cfg
     out = check_writable(Path(out) if out else default_out(solver_dir))
     backend = build_backend(cfg.backend) if backend is None else backend
     from consolver.evaluation.core import check_schedule_match
@@ -228,7 +228,8 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     _write_json(path, manifest)
     logger.debug("wrote %s and %s", out / "contact_sheet.png", path)
     if refine_all:
-        result = refine_run(str(path), [int(s) for s in seeds], progress=progress, all_seeds=True, backend=backend)
+        result = refine_run(str(path), [int(s) for s in seeds], progress=progress, all_seeds=True, backend=backend,
+                            cfg=cfg)
         manifest = result["manifest"]
     return dict(manifest, manifest_path=str(path), layout=layout, previews=previews)
 
@@ -250,16 +251,17 @@ def load_manifest(path: str) -> Dict[str, Any]:
 def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[int] = None,
                prompt_index: Optional[int] = None, exact: bool = False, columns: int = 8,
                progress: Optional[Progress] = None, all_seeds: bool = False, backend=None,
-               score: Optional[Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]]] = None) -> Dict[str, Any]:
+               score: Optional[Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]]] = None,
+               cfg=None) -> Dict[str, Any]:
     """Finals of the chosen ``seeds`` (of every prompt, or of ``prompt_index``) of a preview run.
 
     Writes the finals and ``refine_sheet.png`` next to the manifest and records them in it.
     ``exact`` (off by default) solves in the make_shards batch shape: see :func:`~consolver.preview.core.refine`.
     Returns ``{"manifest", "entries" (the refined ones, with "reward"), "timings", "sheet"}``;
     ``timings`` holds the interaction-time comparison (see :func:`interaction_times`), and
-    ``"finals"`` the :class:`~consolver.preview.core.Finals` tensors. ``backend`` and ``score``
-    (optional): a backend built from the manifest's config and its :func:`scorer`, shared by a
-    long-lived caller (the app); by default each call builds its own.
+    ``"finals"`` the :class:`~consolver.preview.core.Finals` tensors. ``backend``, ``score`` and
+    ``cfg`` (optional): the manifest's config (+ overrides) loaded, a backend built from it and its
+    :func:`scorer`, shared by a long-lived caller (the app); by default each call makes its own.
     """
     from consolver.backends import build_backend
 
@@ -277,10 +279,11 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
               and (prompt_index is None or e["prompt_index"] == prompt_index)]
     order = {s: i for i, s in enumerate(seeds)}
     chosen.sort(key=lambda e: (e["prompt_index"], order[e["seed"]]))
-    try:
-        cfg = load_config(manifest["config"], manifest.get("overrides", []))
-    except ConfigError as err:
-        raise ConfigError(f"the manifest's config: {err}") from None
+    if cfg is None:
+        try:
+            cfg = load_config(manifest["config"], manifest.get("overrides", []))
+        except ConfigError as err:
+            raise ConfigError(f"the manifest's config: {err}") from None
     backend = build_backend(cfg.backend) if backend is None else backend
     records = [PromptRecord(e["prompt"], e.get("image")) for e in chosen]
     finals = refine(cfg, records, [e["seed"] for e in chosen], num_steps=num_steps, backend=backend, exact=exact,
