@@ -9,6 +9,7 @@ never sends a path, it only receives them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from consolver.app.service import AppError, PreviewService, RefineResult, whole_number
@@ -45,13 +46,23 @@ def gallery_columns(num_seeds: int) -> int:
     return next((c for c in range(MAX_COLUMNS, 3, -1) if num_seeds % c == 0), MAX_COLUMNS)
 
 
+def shown_path(path) -> str:
+    """``path`` relative to the working directory when it is inside it (shorter, and what a command
+    typed there takes), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def solver_markdown(service: PreviewService) -> str:
     """The page's line saying which solver serves the previews and what it allows."""
     cfg = service.cfg
     ks = format_seeds(service.num_steps).replace(",", ", ")
     return (f"**Solver:** {service.choice.description}. **K:** {ks}. **Backend:** {cfg.backend.name}. "
             f"**Finals:** {cfg.reference.num_steps}-step {cfg.reference.solver}, guidance {cfg.guidance:g}. "
-            f"**Outputs:** `{service.out}`")
+            f"**Outputs:** `{shown_path(service.out)}`")
 
 
 def check_preview(service: PreviewService, prompt: str, num_seeds, seed_range: str, num_steps,
@@ -87,7 +98,7 @@ def on_preview(service: PreviewService, session: Session, prompt: str, num_seeds
               + (f"; compared: {times}" if times else "") + ". "
               f"Click a tile to refine it: the {cfg.reference.num_steps}-step {cfg.reference.solver} final from "
               f"the same noise. Continue from the command line: `python tools/preview.py refine --manifest "
-              f"{run.manifest_path} --seeds {run.seeds[0]}`")
+              f"{shown_path(run.manifest_path)} --seeds {run.seeds[0]}`")
     status += "".join(f"\n\n**Warning:** {w}" for w in run.warnings)
     return {"gallery": gallery, "columns": gallery_columns(N), "status": status, "running": session.running_line(),
             "files": [str(run.manifest_path), str(run.directory / "contact_sheet.png")], "session": session}

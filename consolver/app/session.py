@@ -62,7 +62,8 @@ class Session:
         ratio = t["refine_all_s"] / max(t["session_s"], 1e-9)
         nfe = t["nfe_refine_all"] / max(t["nfe_session"], 1)
         return (f"{head}  vs  **refining all {t['previews']} previewed seeds: {t['refine_all_s']:.2f} s** "
-                f"(estimated: {t['previews']} x {t['seconds_per_final']:.3f} s per final) -> **{ratio:.1f}x** less "
+                f"(estimated: {t['previews']} x {t['seconds_per_final']:.3f} s per final, as this session measured them one at "
+                f"a time) -> **{ratio:.1f}x** less "
                 f"time; {t['nfe_session']} vs {t['nfe_refine_all']} model evaluations ({nfe:.1f}x).")
 
     def history_markdown(self) -> str:

@@ -26,6 +26,7 @@ CSS = """
 #gallery img, #picked-preview img, #final img { image-rendering: pixelated; }
 #picked-preview img, #final img { min-width: 192px; min-height: 192px; object-fit: contain; }
 #gallery .fixed-height { height: auto !important; min-height: 0 !important; max-height: none !important; }
+#gallery .caption-label { max-width: 96%; white-space: normal; overflow: visible; line-height: 1.15; opacity: .85; }
 #reward { text-align: center; }
 """
 #: Concurrency group of every event that runs the model.
@@ -57,7 +58,7 @@ def build_app(service: PreviewService):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Diffusion Preview", analytics_enabled=False, fill_width=True) as demo:
         page = _layout(gr, service)
         _preview_events(gr, service, page)
         _refine_events(gr, service, page)
