@@ -9,8 +9,9 @@ A local web page (Gradio; pip install -e ".[app]") bound to 127.0.0.1 by default
 the base solver, and the page says which. One model instance serves every request, through a
 queue of --concurrency slots; requests above the limits (--max-seeds, prompt length, the K values
 the solver was trained for) are refused with a message in the page. Everything is written under
---out (default: app/ beside the solver directory, or <output_dir>/app): each preview run is a
-folder that `tools/preview.py refine --manifest <run>/manifest.json` continues. Previews and
+--out (default: app/ beside the solver directory, or <output_dir>/app), gradio's file cache
+included: each preview run is a folder that `tools/preview.py refine --manifest
+<run>/manifest.json` continues. Previews and
 finals are bit for bit those of tools/preview.py for the same prompt, seeds and K on the same
 machine. Positional key=value arguments override the config.
 """
@@ -73,6 +74,8 @@ def main(argv=None) -> None:
     service = PreviewService(args.config, args.overrides, solver=args.solver, out=args.out,
                              limits=Limits(max_seeds=args.max_seeds, max_prompt_chars=args.max_prompt_chars))
     log.info("serving %s", service.choice.description)
+    # gradio's own copies of served files go under the output folder too (read when gradio is imported)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(service.out / "gradio-cache"))
     demo = build_app(service)
     url = launch(demo, args.host, args.port, args.concurrency, args.queue_size, allowed=(str(service.out),), block=False)
     log.info("Diffusion Preview at %s (ready %.1f s after start; Ctrl+C stops it)", url, time.perf_counter() - start)
