@@ -9,9 +9,10 @@
   app's own service (the one shared backend, as the page calls it): preview all 16, pick one
   (scripted: seed ``p`` of prompt ``p``), refine it. Against it, ``refine all``: the 16 finals
   of every prompt (one batched reference solve per prompt, the cheapest way to make them all),
-  to pick from finals instead. Compute seconds of both and their ratio; ``session wall`` adds
-  what the app does around the solves (PNGs, sheet, manifest). The solver is the main job's
-  (``outputs/toy_depth/scheduler``) when it exists, else the base solver.
+  to pick from finals instead; each prompt's two back to back, torch on 1 thread, medians of 3
+  passes. Compute seconds of both and their ratio; ``session wall`` adds what the app does around
+  the solves (PNGs, sheet, manifest). The solver is the main job's (``outputs/toy_depth/scheduler``)
+  when it exists, else the base solver.
 """
 
 from __future__ import annotations
@@ -108,34 +109,50 @@ def _startup_rows(runs: int, prompt: str) -> list[dict]:
             {"measure": f"first {SEEDS}-seed grid after the click", "seconds": grid, "note": f"{how}; target < 2 s"}]
 
 
-def _session_rows(num_prompts: int) -> list[dict]:
+def _session_rows(num_prompts: int, repeats: int) -> list[dict]:
+    """Per prompt, the app's session (preview 16, refine 1) and then refine-all of the same prompt,
+    back to back, so that load changes hit both; medians of ``repeats`` passes; torch on 1 thread."""
+    import torch
+
     from consolver.app import PreviewService
     from consolver.preview import refine
     from consolver.preview.prompts import toy_prompt_sets
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     main = ROOT / "outputs" / "toy_depth" / "scheduler"
-    with tempfile.TemporaryDirectory() as out:
-        service = PreviewService(str(CONFIG), solver=str(main) if main.is_dir() else None, out=out)
-        sets = toy_prompt_sets(service.cfg)
-        prompts = (sets["heldout"] + sets["train"])[:num_prompts]
-        seeds = list(range(SEEDS))
-        refine(service.cfg, prompts[:1], [0], backend=service.backend)  # warm: renders, first calls
-        compute, wall_start = 0.0, time.perf_counter()
-        for p, prompt in enumerate(prompts):
-            run = service.preview(prompt, seeds, K)
-            result = service.refine(run, seeds[p % SEEDS])
-            compute += run.seconds["ConsistencySolver"] + result.seconds
-        wall = time.perf_counter() - wall_start
-        finals = [refine(service.cfg, [prompt] * SEEDS, seeds, backend=service.backend).seconds for prompt in prompts]
-        solver = service.choice.description
-    all_s = sum(finals)
-    nfe_app, nfe_all = num_prompts * (SEEDS * K + service.cfg.reference.num_steps), num_prompts * SEEDS * service.cfg.reference.num_steps
+    passes = []
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            service = PreviewService(str(CONFIG), solver=str(main) if main.is_dir() else None, out=out)
+            sets = toy_prompt_sets(service.cfg)
+            prompts = (sets["heldout"] + sets["train"])[:num_prompts]
+            seeds = list(range(SEEDS))
+            service.warm_up()
+            refine(service.cfg, prompts[:1], [0], backend=service.backend)  # warm: renders, first calls
+            for _ in range(repeats):
+                compute = wall = all_s = 0.0
+                for p, prompt in enumerate(prompts):
+                    start = time.perf_counter()
+                    run = service.preview(prompt, seeds, K)
+                    result = service.refine(run, seeds[p % SEEDS])
+                    wall += time.perf_counter() - start
+                    compute += run.seconds["ConsistencySolver"] + result.seconds
+                    all_s += refine(service.cfg, [prompt] * SEEDS, seeds, backend=service.backend).seconds
+                passes.append((compute, wall, all_s))
+            solver, steps = service.choice.description, service.cfg.reference.num_steps
+            ref = f"{steps}-step {service.cfg.reference.solver}"
+    finally:
+        torch.set_num_threads(threads)
+    compute, wall, all_s = (statistics.median(x[i] for x in passes) for i in range(3))
+    nfe_app, nfe_all = num_prompts * (SEEDS * K + steps), num_prompts * SEEDS * steps
     what = f"{num_prompts} prompts x {SEEDS} seeds"
+    note = f"median of {repeats} passes, 1 thread"
     return [{"measure": f"session: {what} previews at K={K} + 1 final each (compute)", "seconds": compute,
-             "note": f"{solver}; {nfe_app} NFE"},
-            {"measure": "session wall (the app's calls, with its files)", "seconds": wall, "note": ""},
-            {"measure": f"refine all: {what} finals ({service.cfg.reference.num_steps}-step "
-                        f"{service.cfg.reference.solver}, batched per prompt)", "seconds": all_s, "note": f"{nfe_all} NFE"},
+             "note": f"{solver}; {nfe_app} NFE; {note}"},
+            {"measure": "session wall (the app's calls, with its files)", "seconds": wall, "note": note},
+            {"measure": f"refine all: {what} finals ({ref}, batched per prompt)", "seconds": all_s,
+             "note": f"{nfe_all} NFE; {note}"},
             {"measure": "refine all / session (compute)", "seconds": all_s / compute,
              "note": f"ratio; NFE ratio {nfe_all / nfe_app:.2f}; vs session wall {all_s / wall:.2f}"}]
 
@@ -145,7 +162,7 @@ def run(quick: bool = False) -> list[dict]:
     from consolver.config import load_config
 
     prompt = toy_prompt_sets(load_config(str(CONFIG)))["heldout"][0]
-    rows = _session_rows(2 if quick else 8)
+    rows = _session_rows(2 if quick else 8, 1 if quick else 3)
     try:
         rows = _startup_rows(1 if quick else 3, prompt) + rows
     except ImportError as err:
