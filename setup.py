@@ -39,6 +39,10 @@ setup(
         # k-diffusion itself, to run a solver through its samplers (consolver.integrations.k_diffusion
         # needs none of it); 0.1.x depends on dctorch, which pins numpy<2
         "k-diffusion": [K_DIFFUSION],
-        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3", K_DIFFUSION],
+        # the Diffusion Preview web app (tools/app.py, consolver.app.ui)
+        "app": ["gradio>=6,<7"],
+        # the app's tests drive Debian's chromium (apt-get install chromium) with Playwright; never `playwright install`
+        "test": ["pytest>=7", "pytest-timeout", "pyarrow", "torchmetrics>=1.4", "torch-fidelity>=0.3", K_DIFFUSION,
+                 "gradio>=6,<7", "gradio_client", "playwright"],
     },
 )

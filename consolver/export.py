@@ -27,7 +27,7 @@ def trained_scheduler(module, num_steps: Sequence[int], prediction_type: Optiona
     coefficient tables (or the attached sample-feature policy) and, with learned grids, the step
     grids for every K in ``num_steps``. What :func:`export_scheduler` saves and the held-out
     evaluation during training solves with."""
-    from consolver.algos.base import solver_scheduler
+    from consolver.scheduler import solver_scheduler
 
     scheduler = solver_scheduler(module.cfg, module.build_runtime()["backend"].schedule, prediction_type)
     if module.cfg.policy.sample_features:  # acts on the latents: the scheduler carries the policy

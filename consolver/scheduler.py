@@ -478,3 +478,17 @@ def _resolve_file(path_or_id, subfolder: Optional[str], filename: str, kwargs: d
 
     hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
     return hf_hub_download(str(path_or_id), filename, subfolder=subfolder, **hub_kwargs)
+
+
+def solver_scheduler(cfg, schedule, prediction_type: Optional[str] = None):
+    """The :class:`~consolver.scheduler.ConsistencySolverScheduler` that training steps with and
+    export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing.
+
+    ``prediction_type`` overrides the schedule's (export of a v-prediction model: backends
+    return epsilon, but a pipeline hands the scheduler the model's raw output)."""
+    config = schedule.diffusers_config()
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return ConsistencySolverScheduler(schedule="vp" if isinstance(schedule, VPSchedule) else "flow",
+                                      **config, solver_order=int(cfg.solver.order),
+                                      base_solver=cfg.solver.base_solver, timestep_spacing=cfg.solver.timestep_spacing)

@@ -31,6 +31,7 @@ from consolver.config import Config, to_container
 from consolver.env import PreviewEnv, expand_groups, observation_dim, reset_batch, solve_plan
 from consolver.policy.actor import ACTION, make_actor
 from consolver.solvers.grid import grid_from_logits, grid_units
+from consolver.scheduler import solver_scheduler  # noqa: F401 - used below and re-exported (its former home)
 from consolver.solvers.lmm import constrained_coefficients
 
 logger = logging.getLogger(__name__)
@@ -46,23 +47,6 @@ def backend_device(cfg: Config) -> str:
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
-
-
-def solver_scheduler(cfg: Config, schedule, prediction_type: Optional[str] = None):
-    """The :class:`~consolver.scheduler.ConsistencySolverScheduler` that training steps with and
-    export ships: the backend's schedule, ``solver.order``, ``base_solver`` and spacing.
-
-    ``prediction_type`` overrides the schedule's (export of a v-prediction model: backends
-    return epsilon, but a pipeline hands the scheduler the model's raw output)."""
-    from consolver.schedules import VPSchedule
-    from consolver.scheduler import ConsistencySolverScheduler
-
-    config = schedule.diffusers_config()
-    if prediction_type is not None:
-        config["prediction_type"] = prediction_type
-    return ConsistencySolverScheduler(schedule="vp" if isinstance(schedule, VPSchedule) else "flow",
-                                      **config, solver_order=int(cfg.solver.order),
-                                      base_solver=cfg.solver.base_solver, timestep_spacing=cfg.solver.timestep_spacing)
 
 
 class PreviewAlgorithm(L.LightningModule):

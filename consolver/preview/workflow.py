@@ -92,7 +92,8 @@ def _entry_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index}_seed{seed}"
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """``image [3, H, W]`` in [0, 1] as an 8-bit RGB PNG at ``path`` (folders created)."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,8 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Sequence[int], num_steps: int,
                 out: Optional[str] = None, *, overrides: Sequence[str] = (), compare: Sequence[str] = (), ref_image: Optional[str] = None,
                 columns: int = 8, batch_size: Optional[int] = None, refine_all: bool = False,
-                final: Optional[bool] = None, progress: Optional[Progress] = None) -> Dict[str, Any]:
+                final: Optional[bool] = None, progress: Optional[Progress] = None, backend=None,
+                solver=None, cfg=None) -> Dict[str, Any]:
     """Previews of every (prompt, seed) at K=``num_steps``, a contact sheet and a manifest in ``out``.
 
     ``final`` adds a last row to the sheet: every seed's full-step final (the reference solve of
@@ -123,22 +125,26 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     before any solve: the solver directory, its K table, the ``--compare`` names, the config and the
     output folder. ``refine_all`` also runs :func:`refine_run` on every seed (the slow path the
     workflow avoids), for timings and the refine sheet of every preview.
-    Returns the manifest (with ``"manifest_path"``: its path, and ``"layout"``: the sheet's
-    :class:`~consolver.preview.sheet.SheetLayout`).
+    ``backend``, ``solver`` and ``cfg`` (optional): instances already built from ``config`` (+
+    ``overrides``) and loaded from ``solver_dir`` (a long-lived caller such as the app shares one of
+    each across runs); by default each call loads and builds its own.
+    Returns the manifest (with ``"manifest_path"``: its path, ``"layout"``: the sheet's
+    :class:`~consolver.preview.sheet.SheetLayout`, and ``"previews"``: the
+    :class:`~consolver.preview.core.Previews` tensors).
     """
     from consolver.backends import build_backend
     from consolver.preview.core import COMPARE_NAMES
 
-    solver = load_solver(solver_dir)
+    solver = load_solver(solver_dir) if solver is None else solver
     check_num_steps(solver, int(num_steps), f"solver {str(solver_dir)!r}")
     bad = [c for c in compare if c not in COMPARE_NAMES]
     if bad:
         raise ValueError(f"unknown --compare solver {bad[0]!r}; valid: {', '.join(COMPARE_NAMES)}")
     if not prompts:
         raise ValueError("no prompt given (--prompt or --prompts FILE)")
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides)) if cfg is None else cfg
     out = check_writable(Path(out) if out else default_out(solver_dir))
-    backend = build_backend(cfg.backend)
+    backend = build_backend(cfg.backend) if backend is None else backend
     from consolver.evaluation.core import check_schedule_match
 
     check_schedule_match(str(solver_dir), solver, backend, f"--config {config}")
@@ -160,12 +166,12 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     for b, (record, seed) in enumerate(zip(previews.records, previews.seeds)):
         p = b // n_seeds
         rel = f"previews/{_entry_name(p, seed)}.png"
-        _save_png(previews.images[b], out / rel)
+        save_png(previews.images[b], out / rel)
         entries.append({"prompt": record.text, "prompt_index": p, "seed": seed, "image": record.ref_image,
                         "row": b, "preview": rel})
         if finals is not None:
             stem = _entry_name(p, seed)
-            _save_png(finals.images[b], out / f"finals/{stem}.png")
+            save_png(finals.images[b], out / f"finals/{stem}.png")
             np.save(out / f"finals/{stem}.npy", finals.latents[b].numpy())
             entries[-1].update(final=f"finals/{stem}.png", final_latent=f"finals/{stem}.npy",
                                final_steps=finals.num_steps,
@@ -222,9 +228,10 @@ def preview_run(config: str, solver_dir: str, prompts: Sequence[str], seeds: Seq
     _write_json(path, manifest)
     logger.debug("wrote %s and %s", out / "contact_sheet.png", path)
     if refine_all:
-        result = refine_run(str(path), [int(s) for s in seeds], progress=progress, all_seeds=True)
+        result = refine_run(str(path), [int(s) for s in seeds], progress=progress, all_seeds=True, backend=backend,
+                            cfg=cfg)
         manifest = result["manifest"]
-    return dict(manifest, manifest_path=str(path), layout=layout)
+    return dict(manifest, manifest_path=str(path), layout=layout, previews=previews)
 
 
 def load_manifest(path: str) -> Dict[str, Any]:
@@ -243,13 +250,18 @@ def load_manifest(path: str) -> Dict[str, Any]:
 
 def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[int] = None,
                prompt_index: Optional[int] = None, exact: bool = False, columns: int = 8,
-               progress: Optional[Progress] = None, all_seeds: bool = False) -> Dict[str, Any]:
+               progress: Optional[Progress] = None, all_seeds: bool = False, backend=None,
+               score: Optional[Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]]] = None,
+               cfg=None) -> Dict[str, Any]:
     """Finals of the chosen ``seeds`` (of every prompt, or of ``prompt_index``) of a preview run.
 
     Writes the finals and ``refine_sheet.png`` next to the manifest and records them in it.
     ``exact`` (off by default) solves in the make_shards batch shape: see :func:`~consolver.preview.core.refine`.
     Returns ``{"manifest", "entries" (the refined ones, with "reward"), "timings", "sheet"}``;
-    ``timings`` holds the interaction-time comparison (see :func:`interaction_times`).
+    ``timings`` holds the interaction-time comparison (see :func:`interaction_times`), and
+    ``"finals"`` the :class:`~consolver.preview.core.Finals` tensors. ``backend``, ``score`` and
+    ``cfg`` (optional): the manifest's config (+ overrides) loaded, a backend built from it and its
+    :func:`scorer`, shared by a long-lived caller (the app); by default each call makes its own.
     """
     from consolver.backends import build_backend
 
@@ -267,20 +279,21 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
               and (prompt_index is None or e["prompt_index"] == prompt_index)]
     order = {s: i for i, s in enumerate(seeds)}
     chosen.sort(key=lambda e: (e["prompt_index"], order[e["seed"]]))
-    try:
-        cfg = load_config(manifest["config"], manifest.get("overrides", []))
-    except ConfigError as err:
-        raise ConfigError(f"the manifest's config: {err}") from None
-    backend = build_backend(cfg.backend)
+    if cfg is None:
+        try:
+            cfg = load_config(manifest["config"], manifest.get("overrides", []))
+        except ConfigError as err:
+            raise ConfigError(f"the manifest's config: {err}") from None
+    backend = build_backend(cfg.backend) if backend is None else backend
     records = [PromptRecord(e["prompt"], e.get("image")) for e in chosen]
     finals = refine(cfg, records, [e["seed"] for e in chosen], num_steps=num_steps, backend=backend, exact=exact,
                     progress=progress)
     latents = torch.from_numpy(np.load(path.parent / manifest["latents"]))
     preview_images = backend.decode(latents[[e["row"] for e in chosen]].to(backend.device)).float().cpu()
-    scores = scorer(cfg, backend)(preview_images, finals.images)
+    scores = (score or scorer(cfg, backend))(preview_images, finals.images)
     for b, e in enumerate(chosen):
         stem = _entry_name(e["prompt_index"], e["seed"])
-        _save_png(finals.images[b], out / f"finals/{stem}.png")
+        save_png(finals.images[b], out / f"finals/{stem}.png")
         np.save(out / f"finals/{stem}.npy", finals.latents[b].numpy())
         e.update(final=f"finals/{stem}.png", final_latent=f"finals/{stem}.npy", final_steps=finals.num_steps,
                  reward={k: float(v[b]) for k, v in scores.items()})
@@ -312,7 +325,7 @@ def refine_run(manifest_path: str, seeds: Sequence[int], *, num_steps: Optional[
     _write_json(path, manifest)
     logger.debug("wrote %d finals and %s", len(chosen), out / sheet_name)
     return {"manifest": manifest, "entries": chosen, "timings": timings, "sheet": str(out / sheet_name),
-            "reward_names": list(scores)}
+            "reward_names": list(scores), "finals": finals}
 
 
 def interaction_times(manifest: Dict[str, Any], finals) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ("fit", "evaluate", "preview", "make_shards", "bench", "train_toy_rewards", "train_toy_diffusion")
+TOOLS = ("fit", "evaluate", "preview", "app", "make_shards", "bench", "train_toy_rewards", "train_toy_diffusion")
 
 
 def _commands():
