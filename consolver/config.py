@@ -213,7 +213,7 @@ class ValidationConfig:
 
     gate: str = "fallback"  # off | report (keep every K) | fallback (the base solver for a losing K) | drop (no table)
     world: str = "heldout"  # a transfer world (consolver.evaluation.transfer), never a training sample
-    num_noises: int = 32  # noises per prompt, seeds data.seed + VALIDATION_SEED_OFFSET
+    num_samples: int = 128  # prompts x noises (at most this many prompts), seeds data.seed + VALIDATION_SEED_OFFSET
     tolerance_se: float = 1.0
 
 
@@ -414,9 +414,9 @@ def validate(cfg: Config) -> None:
         from consolver.evaluation.transfer import TRANSFER_WORLDS
 
         _choice("validation.world", cfg.validation.world, tuple(TRANSFER_WORLDS))
-        if cfg.validation.num_noises < 1 or not cfg.validation.tolerance_se >= 0:
-            raise ConfigError(f"validation.num_noises must be >= 1 and validation.tolerance_se >= 0, got "
-                              f"{cfg.validation.num_noises} and {cfg.validation.tolerance_se}")
+        if cfg.validation.num_samples < 1 or not cfg.validation.tolerance_se >= 0:
+            raise ConfigError(f"validation.num_samples must be >= 1 and validation.tolerance_se >= 0, got "
+                              f"{cfg.validation.num_samples} and {cfg.validation.tolerance_se}")
     _choice("backend.dtype", cfg.backend.dtype, ("float32", "float16", "bfloat16"))
     if cfg.backend.name in TOY_BACKENDS and cfg.backend.dtype != "float32":  # toy-only: other backends reach backend.model below
         raise ConfigError(f"backend.dtype={cfg.backend.dtype!r} has no effect on the toy backend (its closed-form "

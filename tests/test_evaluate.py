@@ -244,6 +244,7 @@ def test_tool_transfer_writes_one_table_per_world_with_gaps(tmp_path):
     assert len(rows) == 2 * 2 * 4 and {r["num_samples"] for r in rows} == {"8"}  # 4 held-out prompts x 2 noises
 
 
+@pytest.mark.slow
 def test_tool_transfer_names_the_valid_worlds(tmp_path):
     proc = run_tool("--config", CONFIG, "--transfer", "mars", cwd=tmp_path)
     assert proc.returncode != 0 and "unknown transfer world(s) ['mars']; valid: all, heldout" in proc.stderr

@@ -68,7 +68,8 @@ def short_run(tmp_path: Path, seed: int = 0, shard_dir: Path | None = None) -> d
         f"output_dir={tmp_path / 'run'}", f"data.shard_dir={shard_dir or tmp_path / 'shards'}", "solver.num_steps=[4]",
         "reference.num_steps=20", "data.num_samples=24", "data.samples_per_shard=24", "data.shuffle_buffer=24",
         "data.batch_size=4", "algo.group_size=4", "trainer.max_steps=30", "trainer.checkpoint_every=1000",
-        "trainer.image_every=0", "trainer.progress_bar=false", "trainer.num_threads=0", f"seed={seed}"])
+        "trainer.image_every=0", "trainer.progress_bar=false", "trainer.num_threads=0", "validation.gate=off",
+        f"seed={seed}"])
     backend = build_backend(cfg.backend)
     runtime = {"backend": backend, "reward": build_rewards(cfg.rewards).to(backend.device)}
     make_shards(cfg, backend=backend, reward=runtime["reward"])

@@ -74,7 +74,7 @@ def test_export_passes_the_validation_gate_and_records_its_scores(trained, tmp_p
     cfg, result = trained
     module = result.module
     gated = cfg.copy()
-    gated.validation.gate, gated.validation.num_noises = "report", 4
+    gated.validation.gate, gated.validation.num_samples = "report", 16
     module.cfg = gated
     try:
         path = export_scheduler(module, tmp_path / "s")

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
         f"solver.num_steps=[{K}]", "solver.learn_timesteps=false", "algo.name=grpo", "algo.epochs=1",
         "algo.minibatches=1", "algo.group_size=8", "trainer.max_steps=150", "trainer.eval_every=0",
         "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
-        "trainer.progress_bar=false", "trainer.num_threads=0", f"output_dir={out}"])
+        "trainer.progress_bar=false", "trainer.num_threads=0", "validation.num_samples=16", f"output_dir={out}"])
     rt = {"backend": ToyEditBackend(16, 16, num_train_edits=6, num_heldout_edits=2), "reward": build_reward("toy_dino")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -110,8 +110,8 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
         solvers[BASE] = base_scheduler(scheduler)
         rivals.append(BASE)
     seed = int(cfg.data.seed) + VALIDATION_SEED_OFFSET
-    samples = evaluate_world(wcfg, solvers, num_steps, int(v.num_noises), backend=backend if same_world else None,
-                             reward=reward if same_world else None, seed=seed)
+    samples = evaluate_world(wcfg, solvers, num_steps, int(v.num_samples), backend=backend if same_world else None,
+                             reward=reward if same_world else None, seed=seed, max_samples=int(v.num_samples))
     metrics = check_metrics(samples)
     scores = gate_scores(samples, "ours", num_steps, metrics, rivals, float(v.tolerance_se),
                          base=BASE if BASE in solvers else "DDIM")

@@ -116,12 +116,14 @@ def agreement_metric(metrics: Mapping[str, object]) -> Optional[str]:
 @torch.no_grad()
 def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_noises: int, *,
                    baselines: Sequence[str] = TRANSFER_BASELINES, backend=None, reward=None,
-                   seed: Optional[int] = None, on_progress: Optional[Callable[[str, int], None]] = None) -> Dict[Tuple[str, int], Dict[str, torch.Tensor]]:
+                   seed: Optional[int] = None, max_samples: Optional[int] = None, on_progress: Optional[Callable[[str, int], None]] = None) -> Dict[Tuple[str, int], Dict[str, torch.Tensor]]:
     """Per-sample metrics ``{(solver, K): {metric: [B] float32}}`` of ``solvers`` (ours, K they lack
-    skipped) and the named baselines on ``world_cfg``'s evaluation set (``num_noises`` per prompt).
+    skipped) and the named baselines (those the schedule has) on ``world_cfg``'s evaluation set (``num_noises`` per prompt).
     The sample order is the same for every solver, so differences are paired. ``backend`` and
     ``reward``: built from ``world_cfg`` unless given; ``seed``: the noise base seed (default the
-    evaluation seed of :func:`~consolver.evaluation.core.make_eval_set`)."""
+    evaluation seed of :func:`~consolver.evaluation.core.make_eval_set`). ``max_samples``: at most
+    this many samples in all (the first ``max_samples`` prompts when there are more; then
+    ``num_noises`` is lowered to fit)."""
     from consolver.backends import build_backend
     from consolver.evaluation.baselines import baseline_schedulers
     from consolver.evaluation.core import check_schedule_match, make_eval_set, missing_num_steps, score_latents, solve
@@ -133,8 +135,15 @@ def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence
     names = [r.name for r in world_cfg.rewards]
     for name, scheduler in solvers.items():
         check_schedule_match(name, scheduler, backend, "this transfer world")
-    eval_set = make_eval_set(world_cfg, backend, reward, num_noises, seed=seed)
-    everyone = {**solvers, **baseline_schedulers(world_cfg, backend, names=list(baselines))}
+    prompts = None
+    if max_samples is not None:
+        from consolver.evaluation.core import eval_prompts
+
+        prompts = eval_prompts(world_cfg, backend)[: int(max_samples)]
+        num_noises = max(1, min(int(num_noises), int(max_samples) // len(prompts)))
+    eval_set = make_eval_set(world_cfg, backend, reward, num_noises, seed=seed, prompts=prompts)
+    available = baseline_schedulers(world_cfg, backend)  # FLUX's dynamic shift has no diffusers multistep solvers
+    everyone = {**solvers, **{n: available[n] for n in baselines if n in available}}
     out: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
     for name, scheduler in everyone.items():
         skipped = missing_num_steps(scheduler, num_steps)

@@ -487,7 +487,8 @@ def fit_config(base, model_dir, tmp_path, *overrides):
         "data.solve_batch_size=4", "data.batch_size=2", "data.shuffle_buffer=0", "data.num_workers=0",
         f"data.shard_dir={tmp_path / 'shards'}", "algo.name=distill", "algo.lr=0.3", "trainer.max_steps=3",
         "trainer.eval_every=0", "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
-        "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.num_threads=0", f"output_dir={tmp_path / 'run'}",
+        "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.num_threads=0", "validation.gate=off",
+        f"output_dir={tmp_path / 'run'}",
         *overrides])
 
 

@@ -182,7 +182,8 @@ def sd15_config(pipeline_dir, tmp_path, *overrides):
         "data.num_samples=4", "data.samples_per_shard=4", "data.solve_batch_size=4", "data.batch_size=2",
         "data.shuffle_buffer=0", "data.num_workers=0", f"data.shard_dir={tmp_path / 'shards'}", "trainer.eval_every=0",
         "trainer.image_every=0", "trainer.checkpoint_every=1000", "trainer.log_every_n_steps=1000",
-        "trainer.progress_bar=false", "trainer.accelerator=cpu", f"output_dir={tmp_path / 'run'}", *overrides])
+        "trainer.progress_bar=false", "trainer.accelerator=cpu", "validation.num_samples=4",
+        f"output_dir={tmp_path / 'run'}", *overrides])
 
 
 def training_preview(module, seeds, num_steps):

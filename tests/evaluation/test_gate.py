@@ -14,7 +14,7 @@ GOOD_GRID_K4 = [999, 882, 647, 26]  # DDIM on this grid beats UniPC on the trail
 
 
 def _cfg(gate):
-    return load_config("conf/toy_depth.yaml", [f"validation.gate={gate}", "validation.num_noises=8",
+    return load_config("conf/toy_depth.yaml", [f"validation.gate={gate}", "validation.num_samples=16",
                                                "reference.num_steps=12", "backend.toy.num_train_prompts=4",
                                                "backend.toy.num_heldout_prompts=2", "backend.toy.renders_per_prompt=16"])
 
