@@ -121,7 +121,8 @@ def check_lines(checks: dict) -> List[str]:
 
 def csv_rows(world_name: str, samples: Samples, ours: Sequence[str], baselines: Sequence[str]) -> List[dict]:
     """One row per (solver, K): world, solver, kind, K, each metric's mean and ``_se``, and for
-    ours ``gap_<metric>``/``gap_<metric>_se``/``best_<metric>`` on the checked metrics."""
+    ours on the checked metrics ``gap_<metric>``/``gap_<metric>_se``/``best_<metric>`` (to the best
+    baseline) and ``rise_<metric>``/``rise_<metric>_se`` (from K-1; paired)."""
     rows = []
     checked = check_metrics(samples)
     for (name, K), metrics in samples.items():
@@ -134,6 +135,9 @@ def csv_rows(world_name: str, samples: Samples, ours: Sequence[str], baselines: 
                 gap = paired_gap(samples, name, K, m, baselines)
                 if gap is not None:
                     row[f"best_{m}"], row[f"gap_{m}"], row[f"gap_{m}_se"] = gap
+                if (name, K - 1) in samples:  # paired change from K-1 (quality rises with K)
+                    row[f"rise_{m}"], row[f"rise_{m}_se"] = mean_se(
+                        samples[(name, K)][m].double() - samples[(name, K - 1)][m].double())
         rows.append(row)
     return rows
 
