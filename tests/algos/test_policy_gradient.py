@@ -46,3 +46,16 @@ def test_every_algorithm_trains_its_parameters(tmp_path, algo):
         assert float(metrics["train/kl_initial"]) > 0 and "train/entropy" in metrics
     if algo == "distill":
         assert torch.isfinite(metrics["train/loss"])
+
+
+@pytest.mark.slow
+def test_a_reward_ceiling_below_every_reward_leaves_nothing_to_learn(tmp_path):
+    """Rewards clamped at the ceiling before the advantages: toy depth is > 0 dB everywhere, so a
+    ceiling of 0 makes every group a tie and the policy never moves; without it, it does."""
+    moved = {}
+    for ceiling in ("0.0", "null"):
+        cfg = tiny_config(tmp_path / ceiling, "trainer.max_steps=2", "solver.num_steps=[4]", "algo.name=grpo",
+                          f"algo.reward_ceiling={ceiling}")
+        head = fit(cfg, runtime=runtime()).module.actor.module[0].module
+        moved[ceiling] = float(head.mean.abs().max())
+    assert moved["0.0"] == 0.0 and moved["null"] > 0

@@ -69,3 +69,22 @@ def test_parse_step_grids_refuses_bad_tables_naming_k():
         parse_step_grids({"2": [1.5, 0.2]}, "flow", 1000)
     with pytest.raises(ValueError, match=r"K=2 must be strictly descending finite"):
         parse_step_grids({"2": [1.0, float("nan")]}, "flow", 1000)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 8])
+def test_last_max_keeps_the_last_evaluation_at_or_below_it_for_any_logits(K):
+    g = torch.Generator().manual_seed(K)
+    logits = torch.cat([torch.randn(64, K - 1, generator=g) * 10,
+                        torch.tensor(EXTREMES)[torch.randint(len(EXTREMES), (64, K - 1), generator=g)]])
+    grids = grid_from_logits(logits, 999.0, -1.0, 1.0, integer=True, last_max=30.0)
+    assert (grids[:, -2] <= 30).all() and (grids[:, :-1] - grids[:, 1:] >= 1).all()
+    free = grid_from_logits(logits, 999.0, -1.0, 1.0, integer=True)
+    assert (free[:, -2] > 30).any()  # without it, last evaluations above 30 are reachable
+
+
+def test_last_max_moves_only_the_last_evaluation_of_the_trailing_grid_and_round_trips():
+    positions = np.append(VPSchedule.sd15().timesteps(8, "trailing"), -1).astype(np.float64)
+    capped = grid_from_logits(logits_from_grid(positions, 1.0, 30.0), 999.0, -1.0, 1.0, True, 30.0).tolist()
+    assert capped == positions[:-2].tolist() + [30.0, -1.0]  # the training start of a capped learned grid
+    back = grid_from_logits(logits_from_grid(capped, 1.0, 30.0), 999.0, -1.0, 1.0, True, 30.0)
+    assert back.tolist() == capped
