@@ -111,10 +111,15 @@ def grid_units(schedule_kind: str, num_train_timesteps: int) -> tuple:
     return 0.0, 1.0 / num_train_timesteps, False
 
 
+#: Where :func:`logits_from_grid` puts a last evaluation that lies above ``last_max``: this fraction
+#: of the room below the cap (logit -2.9, where a policy's exploration still moves it both ways).
+LAST_MAX_MIN_FRACTION = 0.05
+
+
 def logits_from_grid(positions, min_gap: float, last_max: Optional[float] = None) -> torch.Tensor:
     """Inverse of :func:`grid_from_logits`: logits ``[K - 1]`` float64 of a strictly decreasing grid
     ``[K + 1]`` whose gaps are all larger than ``min_gap``. With ``last_max``, a last model
-    evaluation above it maps to the logit that puts it at ``last_max`` (as far as the gaps allow)."""
+    evaluation above it maps to just below ``last_max`` (:data:`LAST_MAX_MIN_FRACTION` of the room)."""
     p = torch.as_tensor(np.asarray(positions, dtype=np.float64))
     K = p.shape[-1] - 1
     end = float(p[-1])
@@ -126,6 +131,8 @@ def logits_from_grid(positions, min_gap: float, last_max: Optional[float] = None
         if i == K - 2 and last_max is not None:
             top = torch.clamp(p[i] - min_gap, max=float(last_max))
             f = (top - p[i + 1]) / (top - end - min_gap)
+            # a point beyond the cap lands just below it, not at the sigmoid's dead end (logit -27)
+            f = f.clamp(min=LAST_MAX_MIN_FRACTION)
         else:
             f = (gaps[i] - min_gap) / grid_room(p[i], end, K - i, min_gap)
         out.append(torch.logit(f.clamp(1e-12, 1 - 1e-12)))

@@ -84,7 +84,9 @@ def test_last_max_keeps_the_last_evaluation_at_or_below_it_for_any_logits(K):
 
 def test_last_max_moves_only_the_last_evaluation_of_the_trailing_grid_and_round_trips():
     positions = np.append(VPSchedule.sd15().timesteps(8, "trailing"), -1).astype(np.float64)
-    capped = grid_from_logits(logits_from_grid(positions, 1.0, 30.0), 999.0, -1.0, 1.0, True, 30.0).tolist()
-    assert capped == positions[:-2].tolist() + [30.0, -1.0]  # the training start of a capped learned grid
+    logits = logits_from_grid(positions, 1.0, 30.0)
+    capped = grid_from_logits(logits, 999.0, -1.0, 1.0, True, 30.0).tolist()
+    assert capped == positions[:-2].tolist() + [29.0, -1.0]  # just below the cap, where training starts
+    assert -4 < float(logits[-1]) < -2  # not the sigmoid's flat end: exploration still moves it
     back = grid_from_logits(logits_from_grid(capped, 1.0, 30.0), 999.0, -1.0, 1.0, True, 30.0)
     assert back.tolist() == capped
