@@ -128,6 +128,8 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
     for line in gate_lines(record):
         logger.info("%s", line)
     behind = [K for K, verdict in verdicts.items() if verdict == "kept: base behind"]
+    if v.gate == "report":
+        losing = [K for K, s in scores.items() if s["loses"]]  # kept, and said so
     if behind:
         warnings.warn(f"validation gate: K={behind} trail a training-free solver on {world.name} "
                       f"({'; '.join(loss_text(record, K) for K in behind)}) but the base solver "
