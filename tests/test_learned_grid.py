@@ -46,6 +46,7 @@ def test_distill_learns_a_grid_that_beats_its_ddim_start_on_heldout_seeds(distil
     assert ours.step_grids[4][-1] < 249 - 30, ours.step_grids  # the last evaluation moved towards the data
 
 
+@pytest.mark.slow  # its fixture trains (6.5 s)
 def test_exported_learned_grid_reproduces_the_training_time_mode_preview(distilled):
     cfg, result = distilled
     module, rt = result.module, runtime()
