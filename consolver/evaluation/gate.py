@@ -15,7 +15,9 @@ errors of the paired difference. By ``validation.gate``:
 - ``drop``: a losing K gets no table (asking the scheduler for it is an error naming the K it has).
 
 The scores (and the verdict per K) go into the scheduler config as ``validation``, so a solver
-directory says how well it was validated, and on what.
+directory says how well it was validated, and on what. ``falls`` lists each K whose quality is
+below K-1's (paired, beyond one standard error): no table swap fixes that, so it is reported and
+warned about.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
     ``cfg.validation.gate``, record the scores as the scheduler config's ``validation`` and return
     them. ``backend``/``reward``: the training ones, reused when the world is the training world."""
     from consolver.evaluation.transfer import TRANSFER_BASELINES, TRANSFER_WORLDS, evaluate_world, world_config
-    from consolver.evaluation.transfer_report import check_metrics
+    from consolver.evaluation.transfer_report import check_metrics, world_checks
 
     v = cfg.validation
     num_steps = [int(K) for K in (num_steps or scheduler.available_num_steps)]
@@ -120,9 +122,11 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
     per_k = {str(K): {"verdict": verdicts[K], "loses": s["loses"], **{m: s[m] for m in metrics}}
              for K, s in scores.items()}
     num_samples = len(samples[("ours", num_steps[0])][metrics[0]]) if metrics else 0
+    falls = [{"K": K, "metric": m, "drop": drop, "se": se}  # before the gate acted: ours at K below ours at K-1
+             for K, m, drop, se in world_checks(samples, "ours", num_steps, rivals)["not_rising"]]
     record = {"world": world.name, "description": world.description, "num_samples": num_samples, "seed": seed,
               "gate": v.gate, "tolerance_se": float(v.tolerance_se), "metrics": metrics, "rivals": rivals,
-              "num_steps": per_k}
+              "num_steps": per_k, "falls": falls}
     apply_gate(scheduler, losing, v.gate)
     scheduler.register_to_config(validation=record)
     for line in gate_lines(record):
@@ -134,6 +138,10 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
         warnings.warn(f"validation gate: K={behind} trail a training-free solver on {world.name} "
                       f"({'; '.join(loss_text(record, K) for K in behind)}) but the base solver "
                       f"({scheduler.config.base_solver}) is behind them too: kept", stacklevel=2)
+    if falls:
+        warnings.warn("validation gate: quality falls with K on " + world.name + " (" + "; ".join(
+            f"K={f['K']} below K={f['K'] - 1} on {f['metric']} by {f['drop']:.3g} ± {f['se']:.2g}" for f in falls)
+            + "): the larger K is not the better preview there", stacklevel=2)
     if losing:
         action = {"report": "kept anyway (validation.gate=report)", "fallback": "exported with the base solver's table",
                   "drop": "not exported"}[v.gate]

@@ -89,3 +89,14 @@ def test_fallback_never_trades_a_k_for_a_base_solver_behind_it():
     assert gate_verdicts(scores, "fallback") == {3: "base solver", 4: "kept: base behind", 5: "kept"}
     assert gate_verdicts(scores, "drop") == {3: "dropped", 4: "dropped", 5: "kept"}
     assert gate_verdicts(scores, "report") == {3: "kept", 4: "kept", 5: "kept"}
+
+
+@pytest.mark.slow
+def test_a_k_below_the_k_before_it_is_recorded_and_warned_about(backend):
+    scheduler = ConsistencySolverScheduler(solver_order=2)
+    scheduler.set_coefficient_tables({3: np.array([[1.0, 0.0]] * 3), 4: np.array([[1.0, 0.0], [6.0, -5.0], [6.0, -5.0],
+                                                                                  [1.0, 0.0]])})
+    with pytest.warns(UserWarning, match=r"quality falls with K on heldout \(K=4 below K=3 on mode_agreement"):
+        record = validate_scheduler(_cfg("report"), scheduler, backend=backend)
+    assert [(f["K"], f["metric"]) for f in record["falls"]] == [(4, "mode_agreement"), (4, "pixel_psnr")]
+    assert record["falls"][0]["drop"] > record["falls"][0]["se"] > 0
