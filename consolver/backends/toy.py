@@ -47,6 +47,9 @@ TOY_SCHEDULES = ("vp", "flow")
 #: Colour palettes of the renders: ``inverted`` draws ``1 - image`` (other colours and
 #: backgrounds, same geometry and depth labels): a transfer world (consolver.evaluation.transfer).
 TOY_PALETTES = ("default", "inverted")
+#: ``backend.toy`` keys added after shards were first fingerprinted, with their defaults: at the
+#: default they are left out of the backend meta and the shard fingerprint, so older shards stay valid.
+LATER_TOY_KEYS = {"prompt_offset": 0, "palette": "default"}
 
 
 # ---------------------------------------------------------------- pure numerics
@@ -341,10 +344,10 @@ def _toy_meta(renders_per_prompt: int, component_std: float, seed: int, palette:
     """The ``"toy"`` part of the backend meta (the palette only when not the default, so metas of
     default worlds, and the shard fingerprints made from them, stay as they were)."""
     meta = {"renders_per_prompt": int(renders_per_prompt), "component_std": float(component_std), "seed": int(seed)}
-    if palette != "default":
+    if palette != LATER_TOY_KEYS["palette"]:
         meta["palette"] = palette
     return {**meta, "prompts": list(prompts)}
 
 
-__all__ = ["TOY_PALETTES", "TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "configured_prompts",
+__all__ = ["LATER_TOY_KEYS", "TOY_PALETTES", "TOY_SCHEDULES", "ToyBackend", "component_logits", "conditional_weights", "configured_prompts",
            "nearest_component", "posterior_outputs", "prompt_seed"]

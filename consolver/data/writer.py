@@ -163,13 +163,11 @@ def backend_fingerprint(cfg: Config) -> Dict[str, Any]:
     sections of other backends left out."""
     section = to_container(cfg)["backend"] | {"device": None}
     if isinstance(section.get("toy"), dict):  # toy keys added later count only when set, so older shards stay valid
+        from consolver.backends.toy import LATER_TOY_KEYS
+
         section["toy"] = {k: v for k, v in section["toy"].items() if LATER_TOY_KEYS.get(k, object()) != v}
     return {k: v for k, v in section.items() if k not in UNFINGERPRINTED_BACKEND_KEYS
             and cfg.backend.name in BACKEND_SECTIONS.get(k, (cfg.backend.name,))}
-
-
-#: ``backend.toy`` keys added after shards were first fingerprinted, with their defaults.
-LATER_TOY_KEYS = {"prompt_offset": 0, "palette": "default"}
 
 
 def check_manifest(plan: ShardPlan, print_: Mapping[str, Any]) -> None:

@@ -105,14 +105,14 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
     num_steps = [int(K) for K in (num_steps or scheduler.available_num_steps)]
     world = TRANSFER_WORLDS[v.world]
     wcfg = world_config(world, cfg)
-    same_world = not world.overrides and world.config is None
+    same_world = world.is_training_world
     rivals = list(TRANSFER_BASELINES)
     solvers = {"ours": scheduler}
     if scheduler.config.base_solver != "ddim":  # DDIM is a baseline already
         solvers[BASE] = base_scheduler(scheduler)
         rivals.append(BASE)
     seed = int(cfg.data.seed) + VALIDATION_SEED_OFFSET
-    samples = evaluate_world(wcfg, solvers, num_steps, int(v.num_samples), backend=backend if same_world else None,
+    samples = evaluate_world(wcfg, solvers, num_steps, None, backend=backend if same_world else None,
                              reward=reward if same_world else None, seed=seed, max_samples=int(v.num_samples))
     metrics = check_metrics(samples)
     scores = gate_scores(samples, "ours", num_steps, metrics, rivals, float(v.tolerance_se),
@@ -131,23 +131,35 @@ def validate_scheduler(cfg, scheduler, num_steps: Optional[Sequence[int]] = None
     scheduler.register_to_config(validation=record)
     for line in gate_lines(record):
         logger.info("%s", line)
-    behind = [K for K, verdict in verdicts.items() if verdict == "kept: base behind"]
-    if v.gate == "report":
-        losing = [K for K, s in scores.items() if s["loses"]]  # kept, and said so
-    if behind:
-        warnings.warn(f"validation gate: K={behind} trail a training-free solver on {world.name} "
-                      f"({'; '.join(loss_text(record, K) for K in behind)}) but the base solver "
-                      f"({scheduler.config.base_solver}) is behind them too: kept", stacklevel=2)
-    if falls:
-        warnings.warn("validation gate: quality falls with K on " + world.name + " (" + "; ".join(
-            f"K={f['K']} below K={f['K'] - 1} on {f['metric']} by {f['drop']:.3g} ± {f['se']:.2g}" for f in falls)
-            + "): the larger K is not the better preview there", stacklevel=2)
-    if losing:
-        action = {"report": "kept anyway (validation.gate=report)", "fallback": "exported with the base solver's table",
-                  "drop": "not exported"}[v.gate]
-        warnings.warn(f"validation gate: K={losing} lost to a training-free solver on {world.name} "
-                      f"({'; '.join(loss_text(record, K) for K in losing)}): {action}", stacklevel=2)
+    warn_about(record, scheduler.config.base_solver)
     return record
+
+
+#: What the warning says was done with the losing K of each verdict.
+VERDICT_ACTIONS = {"kept": "kept anyway (validation.gate=report)", "base solver": "exported with the base solver's table",
+                   "dropped": "not exported"}
+
+
+def warn_about(record: dict, base_solver: str) -> None:
+    """One ``warnings.warn`` per kind of news in a gate ``record``: K that fell from K-1, and the
+    losing K grouped by what the gate did with them."""
+    world = record["world"]
+    if record["falls"]:
+        warnings.warn(f"validation gate: quality falls with K on {world} (" + "; ".join(
+            f"K={f['K']} below K={f['K'] - 1} on {f['metric']} by {f['drop']:.3g} ± {f['se']:.2g}"
+            for f in record["falls"]) + "): the larger K is not the better preview there", stacklevel=3)
+    lost: Dict[str, List[int]] = {}
+    for K, entry in record["num_steps"].items():
+        if entry["loses"]:
+            lost.setdefault(entry["verdict"], []).append(int(K))
+    for verdict, ks in lost.items():
+        details = "; ".join(loss_text(record, K) for K in ks)
+        if verdict == "kept: base behind":
+            warnings.warn(f"validation gate: K={ks} trail a training-free solver on {world} ({details}) but the "
+                          f"base solver ({base_solver}) is behind them too: kept", stacklevel=3)
+        else:
+            warnings.warn(f"validation gate: K={ks} lost to a training-free solver on {world} ({details}): "
+                          f"{VERDICT_ACTIONS[verdict]}", stacklevel=3)
 
 
 def loss_text(record: dict, K: int) -> str:
@@ -170,5 +182,5 @@ def gate_lines(record: dict) -> List[str]:
 
 
 __all__ = ["BASE", "VALIDATION_SEED_OFFSET", "apply_gate", "base_scheduler", "gate_lines", "gate_scores", "gate_verdicts",
-           "loss_text",
+           "loss_text", "warn_about",
            "validate_scheduler"]

@@ -33,13 +33,15 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from consolver.evaluation.report import FRACTION_METRICS
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The baselines of the transfer tables (the training-free solvers users pick from).
 TRANSFER_BASELINES = ("DDIM", "DPM-Solver++ 2M", "UniPC")
 #: Per-sample agreement metrics, one per kind of world (toy mixtures; models of toy scenes).
-AGREEMENT_METRICS = ("mode_agreement", "scene_agreement")
+AGREEMENT_METRICS = FRACTION_METRICS
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class TransferWorld:
 
     def applies_to(self, backend_name: str) -> bool:
         return self.backends is None or backend_name in self.backends
+
+    @property
+    def is_training_world(self) -> bool:
+        """No overrides and no config of its own: the training config's world itself."""
+        return not self.overrides and self.config is None
 
 
 TRANSFER_WORLDS: Dict[str, TransferWorld] = {w.name: w for w in (
@@ -114,7 +121,7 @@ def agreement_metric(metrics: Mapping[str, object]) -> Optional[str]:
 
 
 @torch.no_grad()
-def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_noises: int, *,
+def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence[int], num_noises: Optional[int], *,
                    baselines: Sequence[str] = TRANSFER_BASELINES, backend=None, reward=None,
                    seed: Optional[int] = None, max_samples: Optional[int] = None, on_progress: Optional[Callable[[str, int], None]] = None) -> Dict[Tuple[str, int], Dict[str, torch.Tensor]]:
     """Per-sample metrics ``{(solver, K): {metric: [B] float32}}`` of ``solvers`` (ours, K they lack
@@ -122,8 +129,8 @@ def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence
     The sample order is the same for every solver, so differences are paired. ``backend`` and
     ``reward``: built from ``world_cfg`` unless given; ``seed``: the noise base seed (default the
     evaluation seed of :func:`~consolver.evaluation.core.make_eval_set`). ``max_samples``: at most
-    this many samples in all (the first ``max_samples`` prompts when there are more; then
-    ``num_noises`` is lowered to fit)."""
+    this many samples in all (the first ``max_samples`` prompts when there are more), with
+    ``num_noises`` (``None``: as many as fit) lowered to fit."""
     from consolver.backends import build_backend
     from consolver.evaluation.baselines import baseline_schedulers
     from consolver.evaluation.core import check_schedule_match, make_eval_set, missing_num_steps, score_latents, solve
@@ -140,7 +147,9 @@ def evaluate_world(world_cfg, solvers: Mapping[str, object], num_steps: Sequence
         from consolver.evaluation.core import eval_prompts
 
         prompts = eval_prompts(world_cfg, backend)[: int(max_samples)]
-        num_noises = max(1, min(int(num_noises), int(max_samples) // len(prompts)))
+        num_noises = max(1, min(num_noises or max_samples, int(max_samples) // len(prompts)))
+    elif num_noises is None:
+        raise ValueError("evaluate_world needs num_noises or max_samples")
     eval_set = make_eval_set(world_cfg, backend, reward, num_noises, seed=seed, prompts=prompts)
     available = baseline_schedulers(world_cfg, backend)  # FLUX's dynamic shift has no diffusers multistep solvers
     everyone = {**solvers, **{n: available[n] for n in baselines if n in available}}

@@ -16,9 +16,9 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from consolver.evaluation.report import FRACTION_METRICS as FRACTIONS
 from consolver.evaluation.transfer import agreement_metric, mean_se, paired_gap
 
-FRACTIONS = ("mode_agreement", "scene_agreement")
 REFERENCE_BASELINE = "DPM-Solver++ 2M"
 
 Samples = Mapping[Tuple[str, int], Mapping[str, torch.Tensor]]
